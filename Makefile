@@ -1,0 +1,24 @@
+# easyppo: `make test` and `make demo` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS) tests
+
+test-fast: setup
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow" $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) .jax_cache .pytest_cache build *.egg-info

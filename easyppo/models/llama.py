@@ -1,0 +1,603 @@
+"""The LLaMA family (Llama 2, Llama 3 / 3.1, Tulu 2 / 2.5) as pure Flax linen modules.
+
+One trunk serves every model in the library; only the head differs:
+
+* ``LlamaForCausalLM`` - next-token logits (policy, reference and SFT models);
+* ``LlamaForScore(head="reward")`` - one scalar per sequence, read at the last real token;
+* ``LlamaForScore(head="value")`` - one scalar per token (the PPO critic).
+
+Reward and value models have identical parameter trees, so a reward checkpoint initialises a value
+model directly. The numerics follow Hugging Face ``transformers`` exactly (RMSNorm in float32,
+``rotate_half`` RoPE, the ``llama3`` frequency rescaling), which is what makes checkpoint conversion a
+pure renaming of tensors.
+
+Padding is explicit: every call takes an ``attention_mask`` and derives position ids from it, so a
+left-padded batch produces, for its real tokens, the same numbers as the unpadded sequences.
+Incremental decoding uses a fixed-size ``KVCache`` pytree written with ``dynamic_update_slice``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from easyppo.sharding import BATCH_AXES, constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-frequency rescaling for long contexts (``rope_scaling`` in a HF config)."""
+
+    rope_type: Literal["llama3", "linear"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any] | None) -> RopeScaling | None:
+        if not d:
+            return None
+        rope_type = d.get("rope_type", d.get("type", "default"))
+        if rope_type == "default":
+            return None
+        if rope_type == "linear":
+            return cls(rope_type="linear", factor=float(d["factor"]))
+        if rope_type == "llama3":
+            return cls(
+                rope_type="llama3",
+                factor=float(d["factor"]),
+                low_freq_factor=float(d["low_freq_factor"]),
+                high_freq_factor=float(d["high_freq_factor"]),
+                original_max_position_embeddings=int(d["original_max_position_embeddings"]),
+            )
+        raise ValueError(f"rope_scaling.rope_type={rope_type!r} is not supported (use 'llama3' or 'linear')")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": self.factor}
+        return {
+            "rope_type": "llama3",
+            "factor": self.factor,
+            "low_freq_factor": self.low_freq_factor,
+            "high_freq_factor": self.high_freq_factor,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture plus compute settings. Field names follow Hugging Face's ``LlamaConfig``."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: multi-head attention (= num_attention_heads)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    # Compute settings: not part of the architecture, never written to a HF config.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_hf_dict(self.rope_scaling))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        for name in ("dtype", "param_dtype"):
+            jnp.dtype(getattr(self, name))  # fails early on a typo such as "bfloat"
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def num_params(self, *, include_embeddings: bool = True) -> int:
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * hd * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        block = attn + 3 * d * f + 2 * d
+        total = self.num_hidden_layers * block + d
+        if include_embeddings:
+            total += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return total
+
+    _HF_FIELDS = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+        "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+    )
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **compute: Any) -> LlamaConfig:
+        """Builds a config from a HF ``config.json`` dict; ``compute`` sets dtype/remat/scan."""
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type={d.get('model_type')!r} is not a LLaMA model")
+        for unsupported in ("attention_bias", "mlp_bias"):
+            if d.get(unsupported):
+                raise ValueError(f"{unsupported}=true is not supported by easyppo's LLaMA")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
+        kwargs = {k: d[k] for k in cls._HF_FIELDS if d.get(k) is not None}
+        if "rope_theta" not in kwargs and isinstance(d.get("rope_parameters"), dict):
+            kwargs["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
+        scaling = d.get("rope_scaling") or d.get("rope_parameters")
+        kwargs["rope_scaling"] = RopeScaling.from_hf_dict(scaling)
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(kwargs.get(key), list):  # Llama 3.1 lists several EOS ids; the first is EOS
+                kwargs[key] = kwargs[key][0]
+        return cls(**kwargs, **compute)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self._HF_FIELDS}
+        d.update(
+            model_type="llama",
+            architectures=["LlamaForCausalLM"],
+            hidden_act="silu",
+            attention_bias=False,
+            mlp_bias=False,
+            rope_scaling=self.rope_scaling.to_hf_dict() if self.rope_scaling else None,
+            torch_dtype=self.param_dtype,
+        )
+        return d
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # A model that compiles in about a second on a CPU: for tests and the demo.
+    "tiny": LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    ),
+    "llama2_7b": LlamaConfig(),
+    "llama2_13b": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+    ),
+    "llama2_70b": LlamaConfig(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
+    "llama3_8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+    ),
+    "llama3_70b": LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+        rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+    ),
+}
+PRESETS["llama3.1_8b"] = PRESETS["llama3_8b"].replace(
+    max_position_embeddings=131072, eos_token_id=128009, rope_scaling=RopeScaling()
+)
+PRESETS["llama3.1_70b"] = PRESETS["llama3_70b"].replace(
+    max_position_embeddings=131072, eos_token_id=128009, rope_scaling=RopeScaling()
+)
+PRESETS["tulu2_7b"] = PRESETS["llama2_7b"].replace(max_position_embeddings=8192)
+PRESETS["tulu2_13b"] = PRESETS["llama2_13b"].replace(max_position_embeddings=8192)
+PRESETS["tulu2_70b"] = PRESETS["llama2_70b"].replace(max_position_embeddings=8192)
+
+
+def get_preset(name: str, **overrides: Any) -> LlamaConfig:
+    """Returns a named architecture, optionally with fields replaced (``get_preset("tiny", dtype=...)``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name].replace(**overrides)
+
+
+# --------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Per-pair rotation frequencies, rescaled the way HF's ``rope_type`` says (a trace-time constant)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, and the band between them is
+    # interpolated smoothly.
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates ``x`` [B, T, heads, head_dim] by ``positions`` [B, T] in HF's ``rotate_half`` layout."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, head_dim / 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for a fixed number of slots.
+
+    ``keys``/``values`` are [layers, batch, slots, kv_heads, head_dim]; ``mask`` [batch, slots] marks
+    slots holding a real token (left padding leaves holes); ``index`` is the next slot to write and is
+    shared by the batch, which is what lets one ``dynamic_update_slice`` write a whole step.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty cache with room for ``max_length`` tokens (prompt plus generated)."""
+    shape = (config.num_hidden_layers, batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return KVCache(
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch_size, max_length), jnp.bool_),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+# ------------------------------------------------------------------------------------------ modules
+
+
+def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=config.compute_dtype,
+        param_dtype=config.weight_dtype,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, scaled after casting back (as HF does)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.config.weight_dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return scale.astype(self.config.compute_dtype) * normed.astype(self.config.compute_dtype)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, layer_cache, cache_index):
+        cfg = self.config
+        batch, length, _ = x.shape
+        q = _dense(cfg, cfg.num_attention_heads * cfg.head_dim, "q_proj")(x)
+        k = _dense(cfg, cfg.num_key_value_heads * cfg.head_dim, "k_proj")(x)
+        v = _dense(cfg, cfg.num_key_value_heads * cfg.head_dim, "v_proj")(x)
+        q = q.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+        k = k.reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        inv_freq = rope_inverse_frequencies(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        new_cache = None
+        if layer_cache is not None:
+            cached_k, cached_v = layer_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
+            new_cache = (k, v)
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0 / math.sqrt(cfg.head_dim)
+        )
+        out = out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim)
+        return _dense(cfg, cfg.hidden_size, "o_proj")(out), new_cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    """Pre-norm attention and SwiGLU MLP with residuals. ``(carry, per_layer) -> (carry, per_layer)``
+    so the same block runs unrolled or under ``nn.scan``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, hidden, layer_cache, positions, mask, cache_index):
+        hidden = constrain(hidden, P(BATCH_AXES))
+        attn_out, new_cache = LlamaAttention(self.config, name="self_attn")(
+            RMSNorm(self.config, name="input_layernorm")(hidden), positions, mask, layer_cache, cache_index
+        )
+        hidden = hidden + attn_out
+        mlp_out = LlamaMLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(hidden))
+        return hidden + mlp_out, new_cache
+
+
+def _attention_mask(attention_mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array | None]:
+    """[B, 1, T, S] boolean mask: causal, and blind to padding (and to empty cache slots)."""
+    length = attention_mask.shape[1]
+    query_slots = jnp.arange(length)[:, None]
+    if cache is None:
+        key_valid = attention_mask.astype(jnp.bool_)
+        key_slots = jnp.arange(length)[None, :]
+        new_cache_mask = None
+    else:
+        new_cache_mask = jax.lax.dynamic_update_slice(
+            cache.mask, attention_mask.astype(jnp.bool_), (0, cache.index)
+        )
+        key_valid = new_cache_mask
+        key_slots = jnp.arange(cache.max_length)[None, :]
+        query_slots = query_slots + cache.index
+    causal = key_slots <= query_slots  # [T, S]
+    return (causal[None, None] & key_valid[:, None, None, :]), new_cache_mask
+
+
+def default_position_ids(attention_mask: jax.Array, cache: KVCache | None = None) -> jax.Array:
+    """Positions that count only real tokens, so left padding does not shift RoPE."""
+    mask = attention_mask.astype(jnp.int32)
+    offset = 0 if cache is None else cache.mask.sum(axis=-1, keepdims=True, dtype=jnp.int32)
+    return jnp.maximum(offset + jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, the decoder stack and the final norm: hidden states [B, T, D]."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, cache)
+        mask, new_cache_mask = _attention_mask(attention_mask, cache)
+        cache_index = None if cache is None else cache.index
+
+        hidden = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype,
+            embedding_init=nn.initializers.normal(cfg.initializer_range),
+            name="embed_tokens",
+        )(input_ids)
+
+        block = LlamaBlock
+        if REMAT_POLICIES[cfg.remat] is not None or cfg.remat == "full":
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+        layer_caches = None if cache is None else (cache.keys, cache.values)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_hidden_layers,
+            )
+            hidden, new_layer_caches = stack(cfg, name="layers")(
+                hidden, layer_caches, position_ids, mask, cache_index
+            )
+        else:
+            per_layer = []
+            for i in range(cfg.num_hidden_layers):
+                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+                hidden, updated = block(cfg, name=f"layers_{i}")(
+                    hidden, layer_cache, position_ids, mask, cache_index
+                )
+                per_layer.append(updated)
+            new_layer_caches = None
+            if cache is not None:
+                new_layer_caches = (
+                    jnp.stack([kv[0] for kv in per_layer]),
+                    jnp.stack([kv[1] for kv in per_layer]),
+                )
+        hidden = RMSNorm(cfg, name="norm")(constrain(hidden, P(BATCH_AXES)))
+        if cache is None:
+            return hidden, None
+        keys, values = new_layer_caches
+        new_cache = KVCache(
+            keys=keys, values=values, mask=new_cache_mask, index=cache.index + input_ids.shape[1]
+        )
+        return hidden, new_cache
+
+
+def output_embedding(params: dict, config: LlamaConfig) -> jax.Array:
+    """The [D, V] matrix that maps hidden states to logits: ``lm_head`` or the tied embedding."""
+    if config.tie_word_embeddings:
+        return params["model"]["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def project_logits(hidden: jax.Array, kernel: jax.Array, config: LlamaConfig) -> jax.Array:
+    """Hidden states times the [D, V] output matrix, in the compute dtype with float32 results."""
+    return jnp.einsum(
+        "...d,dv->...v", hidden, kernel.astype(config.compute_dtype), preferred_element_type=jnp.float32
+    )
+
+
+class LMHead(nn.Module):
+    """The untied output projection; a module of its own so its parameter is ``lm_head/kernel``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        cfg = self.config
+        kernel = self.param(
+            "kernel",
+            nn.initializers.normal(cfg.initializer_range),
+            (cfg.hidden_size, cfg.vocab_size),
+            cfg.weight_dtype,
+        )
+        return project_logits(hidden, kernel, cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Next-token logits (float32) [B, T, V]; with a ``cache``, returns ``(logits, new_cache)``."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        self.model = LlamaModel(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = LMHead(self.config)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """Final normed hidden states [B, T, D] (and the new cache when one is given).
+
+        Algorithms use this with ``output_embedding`` to compute log-probs in chunks, never holding
+        the float32 [B, T, V] logits of a long batch at once.
+        """
+        hidden, new_cache = self.model(input_ids, attention_mask, position_ids, cache)
+        return hidden if cache is None else (hidden, new_cache)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        hidden, new_cache = self.model(input_ids, attention_mask, position_ids, cache)
+        if self.config.tie_word_embeddings:
+            embedding = self.model.variables["params"]["embed_tokens"]["embedding"]
+            logits = project_logits(hidden, embedding.T, self.config)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the last real token of each row; works for left and right padding alike."""
+    positions = jnp.arange(attention_mask.shape[-1])
+    return jnp.argmax(jnp.where(attention_mask.astype(jnp.bool_), positions, -1), axis=-1)
+
+
+class LlamaForScore(nn.Module):
+    """Scalar head on the trunk: ``head="reward"`` gives [B] at the last real token, ``"value"`` [B, T].
+
+    The head is a bias-free ``score`` projection (HF's ``LlamaForSequenceClassification`` with one
+    label) initialised with std 1/sqrt(D), so the initial scores are O(1) whatever the width.
+    """
+
+    config: LlamaConfig
+    head: Literal["reward", "value"] = "reward"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        if self.head not in ("reward", "value"):
+            raise ValueError(f"head={self.head!r} must be 'reward' or 'value'")
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        hidden, _ = LlamaModel(cfg, name="model")(input_ids, attention_mask, position_ids)
+        scores = nn.Dense(
+            1,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=cfg.weight_dtype,
+            kernel_init=nn.initializers.normal(1.0 / math.sqrt(cfg.hidden_size)),
+            name="score",
+        )(hidden.astype(jnp.float32))[..., 0]
+        if self.head == "value":
+            return scores
+        return jnp.take_along_axis(scores, last_token_index(attention_mask)[:, None], axis=1)[:, 0]
+
+
+def make_model(config: LlamaConfig, kind: str = "causal_lm") -> nn.Module:
+    """The module for ``kind`` in {"causal_lm", "reward", "value"}."""
+    if kind == "causal_lm":
+        return LlamaForCausalLM(config)
+    if kind in ("reward", "value"):
+        return LlamaForScore(config, head=kind)
+    raise ValueError(f"kind={kind!r} must be one of 'causal_lm', 'reward', 'value'")
+
+
+def init_params(config: LlamaConfig, kind: str, rng: jax.Array, *, seq_len: int = 8) -> dict:
+    """Unsharded random parameters (tests and tiny models); see ``easyppo.sharding`` for sharded init."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return jax.jit(make_model(config, kind).init)(rng, tokens)["params"]
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Unrolled layout (``model/layers_{i}``) -> scanned layout (``model/layers`` with a layer axis)."""
+    model = dict(params["model"])
+    layers = [model.pop(f"layers_{i}") for i in range(num_layers)]
+    model["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {**params, "model": model}
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Scanned layout -> unrolled layout; the inverse of ``stack_layers``."""
+    model = dict(params["model"])
+    stacked = model.pop("layers")
+    for i in range(num_layers):
+        model[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**params, "model": model}

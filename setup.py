@@ -1,0 +1,41 @@
+"""Packaging for easyppo: preference tuning (SFT, reward models, DPO, PPO) of LLaMA models in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="easyppo",
+    version="0.1.0",
+    description="Preference tuning (SFT, reward models, DPO, PPO) of LLaMA-family models in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["easyppo", "easyppo.*"]),
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml_collections>=1.0,<2",
+        "sentencepiece>=0.2,<0.3",
+        "datasets>=3.0,<6",
+        "etils[epath]>=1.7",
+        "safetensors>=0.4,<1",
+        "numpy>=1.26,<3",
+        "tqdm>=4.60",
+        "absl-py>=2.0",
+        "pyarrow>=14",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "tokenizers>=0.20"],
+        "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
+        "tfds": ["tensorflow-datasets>=4.9"],
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboardX"],
+    },
+    entry_points={
+        "console_scripts": [
+            "easyppo-convert=easyppo.convert:main",
+        ],
+    },
+)
