@@ -1,0 +1,144 @@
+"""Gradient accumulation whose result equals the whole-batch gradient, masks and all.
+
+A loss function reports *sums* and *counts*, never means:
+
+    loss_fn(params, microbatch, rng) -> (loss_sum, metrics)
+    metrics: dict name -> (sum, count), with metrics["loss"] == (loss_sum, loss_count)
+
+e.g. SFT returns the summed token NLL and the number of loss tokens; DPO the summed pair loss and
+the number of pairs. Gradients and metric sums are added up over microbatches and divided by the
+total count once at the end. Averaging per-microbatch means instead would weight a microbatch with
+3 loss tokens as much as one with 300, which is wrong whenever masks differ between microbatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from easyppo.ops import safe_divide
+
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]]
+
+
+def accumulate_gradients(
+    loss_fn: LossFn,
+    params: Any,
+    batch: Any,
+    rng: jax.Array,
+    num_microbatches: int,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradient of the whole-batch mean loss, computed one microbatch at a time.
+
+    Args:
+      loss_fn: `(params, microbatch, rng) -> (loss_sum, metrics)` as described in the module doc.
+      params: the pytree to differentiate with respect to.
+      batch: pytree of arrays sharing a leading batch axis, divisible by `num_microbatches`.
+      rng: PRNG key; microbatch i receives `jax.random.fold_in(rng, i)`.
+      num_microbatches: how many sequential slices to split the batch into. 1 calls `loss_fn` once
+        on the whole batch without a scan.
+
+    Returns:
+      (grads, metric_means): grads = d(sum of loss_sum)/d(params) / total loss count, in each
+      parameter's dtype; metric_means[name] = total sum / total count (0 where the count is 0).
+
+    Microbatch i takes rows i, i + M, i + 2M, ... (M = num_microbatches) rather than a contiguous
+    block: when the batch axis is sharded over devices, every microbatch then keeps rows on every
+    device, so no data moves and no device idles while the scan runs.
+    """
+    if num_microbatches < 1:
+        raise ValueError(
+            f"accumulate_gradients: num_microbatches must be >= 1, got {num_microbatches}"
+        )
+    _check_batch_divides(batch, num_microbatches)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    if num_microbatches == 1:
+        grads, metrics = grad_fn(params, batch, jax.random.fold_in(rng, 0))
+        _check_metrics(metrics)
+        grad_sums = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        metric_sums = _as_float32_pairs(metrics)
+    else:
+        microbatches = jax.tree.map(lambda x: _split_strided(x, num_microbatches), batch)
+
+        def accumulate(carry, inputs):
+            grad_sums, metric_sums = carry
+            index, microbatch = inputs
+            grads, metrics = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+            grad_sums = jax.tree.map(lambda acc, g: acc + g.astype(jnp.float32), grad_sums, grads)
+            metric_sums = jax.tree.map(jnp.add, metric_sums, _as_float32_pairs(metrics))
+            return (grad_sums, metric_sums), None
+
+        first = jax.tree.map(lambda x: x[0], microbatches)
+        metrics_shape = jax.eval_shape(loss_fn, params, first, rng)[1]
+        _check_metrics(metrics_shape)
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        zero = jnp.zeros((), jnp.float32)
+        zero_metrics = {name: (zero, zero) for name in metrics_shape}
+        indices = jnp.arange(num_microbatches)
+        (grad_sums, metric_sums), _ = lax.scan(
+            accumulate, (zero_grads, zero_metrics), (indices, microbatches)
+        )
+
+    loss_count = metric_sums["loss"][1]
+    grads = jax.tree.map(
+        lambda g, p: safe_divide(g, loss_count).astype(jnp.result_type(p)), grad_sums, params
+    )
+    metric_means = {name: safe_divide(total, count) for name, (total, count) in metric_sums.items()}
+    return grads, metric_means
+
+
+def _split_strided(x: jax.Array, num_microbatches: int) -> jax.Array:
+    """[N, ...] -> [M, N / M, ...] where slice i holds rows i, i + M, i + 2M, ..."""
+    rows_per_microbatch = x.shape[0] // num_microbatches
+    return x.reshape(rows_per_microbatch, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _check_batch_divides(batch: Any, num_microbatches: int) -> None:
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    if not leaves:
+        raise ValueError("accumulate_gradients: the batch has no arrays")
+    sizes = {
+        jax.tree_util.keystr(path): jnp.shape(x)[0] if jnp.ndim(x) else None for path, x in leaves
+    }
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(
+            "accumulate_gradients: every batch array needs the same leading batch axis; "
+            f"got {sizes}"
+        )
+    batch_size = next(iter(sizes.values()))
+    if batch_size % num_microbatches:
+        raise ValueError(
+            f"accumulate_gradients: batch size {batch_size} is not divisible by "
+            f"num_microbatches={num_microbatches}"
+        )
+
+
+def _check_metrics(metrics: Any) -> None:
+    if not isinstance(metrics, dict) or "loss" not in metrics:
+        raise ValueError(
+            "accumulate_gradients: loss_fn must return (loss_sum, metrics) with metrics a dict "
+            f"holding 'loss': (loss_sum, loss_count); got metrics={metrics!r}"
+        )
+    for name, pair in metrics.items():
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(jnp.shape(x) == () for x in pair)
+        ):
+            raise ValueError(
+                f"accumulate_gradients: metric {name!r} must be a (sum, count) pair of scalars, "
+                f"got {pair!r}"
+            )
+
+
+def _as_float32_pairs(metrics: Metrics) -> dict[str, tuple[jax.Array, jax.Array]]:
+    return {
+        name: (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
+        for name, (total, count) in metrics.items()
+    }
