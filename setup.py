@@ -27,7 +27,7 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "tokenizers>=0.20"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "tokenizers>=0.20", "tensorboardX>=2.6"],
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
         "tfds": ["tensorflow-datasets>=4.9"],
         "wandb": ["wandb"],

@@ -1,0 +1,457 @@
+"""Checkpoints of a training run: train state, data-iterator position and metadata, via Orbax.
+
+One `Checkpointer` per run wraps an Orbax `CheckpointManager`. Every saved step is a directory
+
+    <directory>/<step>/
+        state/                      the train state pytree (Orbax PyTree format, sharded, OCDBT)
+        data_state/data_state.json  the data iterator's position (a JSON object)
+        metadata/metadata.json      step, wall time, library versions, device topology
+        config/config.json          the resolved run config, readable without easyppo
+
+(`restore` returns the two JSON files merged: metadata.json's fields plus `config`.)
+
+Why these choices:
+- Saves are asynchronous by default: `save` returns once the arrays are copied off the devices, so
+  the next train step may reuse (donate) their buffers while the files are written in the background.
+  Call `wait_until_finished()` (or `close()`) before the process exits.
+- Saves are atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when
+  every item is complete. A crash mid-save leaves the previous checkpoint intact; the partial
+  directory is never reported as a step, and the next (writable) Checkpointer on the directory
+  deletes it before its first save.
+- A state with a NaN or Inf in any floating leaf is refused before anything is written, so the latest
+  checkpoint is always one worth resuming from.
+- Restores take an abstract target (`jax.ShapeDtypeStruct` leaves carrying the *new* run's
+  shardings), so a checkpoint saved on one mesh restores onto any other mesh or a single device.
+- Structure mismatches are checked against the checkpoint's own tree metadata before any array is
+  read, and reported by key path (Orbax alone fails deep inside TensorStore for a missing key).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import json
+import math
+import platform
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from ml_collections import config_dict
+
+PyTree = Any
+
+STATE_ITEM = "state"
+DATA_STATE_ITEM = "data_state"
+METADATA_ITEM = "metadata"
+CONFIG_ITEM = "config"
+CONFIG_FILENAME = "config.json"
+
+_VERSIONED_PACKAGES = ("easyppo", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+
+class NonFiniteStateError(ValueError):
+    """The train state holds NaN or Inf values and was therefore not checkpointed."""
+
+
+class TreeMismatchError(ValueError):
+    """The requested restore target does not match the tree stored in the checkpoint."""
+
+
+class RestoredCheckpoint(NamedTuple):
+    """What `Checkpointer.restore` returns; unpacks as `(state, data_state, metadata)`."""
+
+    state: PyTree
+    data_state: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Checkpointing options, with their defaults.
+
+    directory: where step directories are written (local path or gs://...). Required.
+    save_every_steps: save when `step % save_every_steps == 0` (and on a preemption signal).
+    max_to_keep: how many of the most recent checkpoints to keep; 0 keeps every checkpoint.
+    async_save: write files in a background thread while training continues.
+    """
+    config = ml_collections.ConfigDict()
+    config.directory = config_dict.placeholder(str)
+    config.save_every_steps = 1000
+    config.max_to_keep = 3
+    config.async_save = True
+    return config
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints. Every process must make the same calls.
+
+    Args:
+      config: options from `default_config()`.
+      run_config: the run's resolved configuration, written as `config.json` and into the returned
+        metadata of every checkpoint. Checked for JSON-compatibility here, at start-up, rather than
+        at the first save hours into a run.
+      read_only: open someone else's checkpoints (e.g. an SFT run to initialise a policy from):
+        never saves, deletes or cleans up anything in `config.directory`.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        *,
+        run_config: ml_collections.ConfigDict | Mapping[str, Any] | None = None,
+        read_only: bool = False,
+    ):
+        if not config.directory:
+            raise ValueError("Checkpoint config key 'directory' is not set (e.g. --config.checkpoint.directory=...).")
+        if config.save_every_steps < 1:
+            raise ValueError(f"Checkpoint config key 'save_every_steps' must be >= 1, got {config.save_every_steps}.")
+        if config.max_to_keep < 0:
+            raise ValueError(
+                f"Checkpoint config key 'max_to_keep' must be >= 0 (0 keeps all), got {config.max_to_keep}."
+            )
+        self._run_config = _json_compatible_config(run_config)
+        self._read_only = read_only
+        self._manager = ocp.CheckpointManager(
+            epath.Path(config.directory),
+            options=ocp.CheckpointManagerOptions(
+                save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
+                    [
+                        ocp.checkpoint_managers.FixedIntervalPolicy(config.save_every_steps),
+                        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+                    ]
+                ),
+                preservation_policy=ocp.checkpoint_managers.LatestN(n=config.max_to_keep or None),
+                enable_async_checkpointing=config.async_save,
+                cleanup_tmp_directories=not read_only,
+                create=not read_only,
+                read_only=read_only,
+            ),
+            handler_registry=_handler_registry(),
+        )
+
+    @property
+    def directory(self) -> epath.Path:
+        return self._manager.directory
+
+    def all_steps(self) -> list[int]:
+        """Steps of all finalised checkpoints, ascending. Partial (tmp) directories are not steps."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest finalised step, or None when the directory holds no checkpoint."""
+        return self._manager.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        """True at multiples of `save_every_steps` and when a preemption signal has arrived."""
+        return self._manager.should_save(step)
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        data_state: Mapping[str, Any] | None = None,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Checkpoints `state` and `data_state` as `step` if `should_save(step)` or `force`.
+
+        Returns whether a save was started (it may still be running: see `wait_until_finished`).
+
+        Raises:
+          NonFiniteStateError: a floating leaf of `state` holds NaN or Inf; nothing is written.
+          TypeError: `data_state` is not a JSON object; nothing is written.
+        """
+        if self._read_only:
+            raise ValueError(f"This Checkpointer opened {self.directory} read-only; it cannot save.")
+        if not force and not self.should_save(step):
+            return False
+        data_state = {} if data_state is None else data_state
+        _check_json_object(data_state, what="data_state")
+        bad_paths = _non_finite_leaf_paths(state)
+        if bad_paths:
+            latest = self.latest_step()
+            raise NonFiniteStateError(
+                f"Refusing to checkpoint step {step}: non-finite values (NaN/Inf) in {', '.join(bad_paths[:5])}"
+                + (f" and {len(bad_paths) - 5} more leaves" if len(bad_paths) > 5 else "")
+                + (f". The latest good checkpoint is step {latest}." if latest is not None else "")
+                + (". No earlier checkpoint exists." if latest is None else "")
+            )
+        metadata = {
+            "step": int(step),
+            "wall_time": time.time(),
+            "versions": _library_versions(),
+            "topology": {
+                "process_count": jax.process_count(),
+                "device_count": jax.device_count(),
+                "platform": jax.devices()[0].platform,
+            },
+        }
+        # The save decision was made above (evaluating it again would hit the preemption sync point
+        # twice), so Orbax is told to save unconditionally. It still refuses to overwrite a step.
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: ocp.args.PyTreeSave(state),
+                    DATA_STATE_ITEM: ocp.args.JsonSave(dict(data_state)),
+                    METADATA_ITEM: ocp.args.JsonSave(metadata),
+                    CONFIG_ITEM: ocp.args.JsonSave(self._run_config),
+                }
+            ),
+            force=True,
+        )
+
+    def wait_until_finished(self) -> None:
+        """Blocks until every started save is finalised on disk (and old steps are deleted)."""
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract_state: PyTree, step: int | None = None) -> RestoredCheckpoint:
+        """Restores the whole checkpoint of `step` (default: the latest) onto `abstract_state`'s shardings.
+
+        `abstract_state` has the structure of the saved state with `jax.ShapeDtypeStruct` leaves that
+        carry the new run's shardings (e.g. from `jax.eval_shape` plus partition rules). Shapes must
+        match the checkpoint; a different dtype is cast on load. The returned metadata holds the
+        saved `step`, `wall_time`, `versions`, `topology` and the run `config`.
+
+        Raises:
+          FileNotFoundError: no finalised checkpoint (or not `step`) in the directory.
+          TreeMismatchError: key paths or shapes differ; the first mismatching key path is named.
+        """
+        step = self._resolve_step(step)
+        self._check_target(step, abstract_state, partial=False)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE_ITEM: _pytree_restore_args(abstract_state, partial=False),
+                    DATA_STATE_ITEM: ocp.args.JsonRestore(),
+                    METADATA_ITEM: ocp.args.JsonRestore(),
+                    CONFIG_ITEM: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        metadata = dict(restored[METADATA_ITEM])
+        metadata["config"] = restored[CONFIG_ITEM]
+        return RestoredCheckpoint(restored[STATE_ITEM], restored[DATA_STATE_ITEM], metadata)
+
+    def restore_subtree(self, abstract_subtree: PyTree, step: int | None = None) -> PyTree:
+        """Restores only the leaves named by `abstract_subtree`, e.g. `{"params": abstract_params}`.
+
+        This is how a policy starts from an SFT checkpoint or a value model from a reward model: the
+        stored optimizer state (often twice the size of the parameters) is never read. Keys of
+        `abstract_subtree` are matched by name against the stored tree (a dataclass attribute and a
+        dict key of the same name match), and the result has `abstract_subtree`'s structure.
+        """
+        step = self._resolve_step(step)
+        self._check_target(step, abstract_subtree, partial=True)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(**{STATE_ITEM: _pytree_restore_args(abstract_subtree, partial=True)}),
+        )
+        return restored[STATE_ITEM]
+
+    def close(self) -> None:
+        """Waits for pending saves and releases Orbax's background threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No finalised checkpoint in {self.directory}.")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; available steps: {steps}.")
+        return step
+
+    def _check_target(self, step: int, abstract: PyTree, *, partial: bool) -> None:
+        stored = _leaf_shapes(self._manager.metadata(step).item_metadata[STATE_ITEM].tree)
+        requested = {}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+            if getattr(leaf, "sharding", None) is None:
+                raise ValueError(
+                    f"Restore target leaf {_render(_key_parts(path))} has no sharding: pass "
+                    "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves for the new run's mesh."
+                )
+            requested[_key_parts(path)] = tuple(leaf.shape)
+        where = f"checkpoint step {step} in {self.directory}"
+        missing = [key for key in requested if key not in stored]
+        if missing:
+            stored_names = ["/".join(key) for key in stored]
+            close = difflib.get_close_matches("/".join(missing[0]), stored_names, n=3)
+            raise TreeMismatchError(
+                f"Restore target key {_render(missing[0])} is not in {where}"
+                + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
+                + (f"; closest stored keys: {', '.join(repr(name) for name in close)}." if close else ".")
+            )
+        unexpected = [] if partial else [key for key in stored if key not in requested]
+        if unexpected:
+            raise TreeMismatchError(
+                f"{where[0].upper()}{where[1:]} holds key {_render(unexpected[0])} that the restore target lacks"
+                + (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                + ". Use restore_subtree to read only part of a checkpoint."
+            )
+        for key, shape in requested.items():
+            if shape != stored[key]:
+                raise TreeMismatchError(
+                    f"Restore target key {_render(key)} has shape {shape} but {where} stores shape {stored[key]}."
+                )
+
+
+def restore_subtree(directory: str | epath.Path, abstract_subtree: PyTree, step: int | None = None) -> PyTree:
+    """Reads part of another run's checkpoint (read-only), e.g. the params of an SFT or reward model."""
+    config = default_config()
+    config.directory = str(directory)
+    with Checkpointer(config, read_only=True) as checkpointer:
+        return checkpointer.restore_subtree(abstract_subtree, step=step)
+
+
+def read_run_config(directory: str | epath.Path, step: int | None = None) -> dict[str, Any]:
+    """The resolved run config saved with `step` (default: the latest) of a run's checkpoints."""
+    config = default_config()
+    config.directory = str(directory)
+    with Checkpointer(config, read_only=True) as checkpointer:
+        step = checkpointer._resolve_step(step)
+    return json.loads((epath.Path(directory) / str(step) / CONFIG_ITEM / CONFIG_FILENAME).read_text())
+
+
+def is_run_directory(directory: str | epath.Path) -> bool:
+    """True when `directory` holds at least one finalised train-run checkpoint step."""
+    path = epath.Path(directory)
+    return path.is_dir() and any(
+        child.name.isdigit() and (child / CONFIG_ITEM / CONFIG_FILENAME).exists() for child in path.iterdir()
+    )
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """One handler per item. The state uses the PyTree handler, which alone supports partial restore."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler = ocp.PyTreeCheckpointHandler()
+    registry.add(STATE_ITEM, ocp.args.PyTreeSave, state_handler)
+    registry.add(STATE_ITEM, ocp.args.PyTreeRestore, state_handler)
+    for item, filename in (
+        (DATA_STATE_ITEM, "data_state.json"),
+        (METADATA_ITEM, "metadata.json"),
+        (CONFIG_ITEM, CONFIG_FILENAME),
+    ):
+        json_handler = ocp.JsonCheckpointHandler(filename=filename)
+        registry.add(item, ocp.args.JsonSave, json_handler)
+        registry.add(item, ocp.args.JsonRestore, json_handler)
+    return registry
+
+
+def _pytree_restore_args(abstract: PyTree, *, partial: bool) -> ocp.args.PyTreeRestore:
+    return ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial,
+    )
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def _non_finite_leaf_paths(state: PyTree) -> list[str]:
+    """Key paths of floating leaves holding NaN or Inf.
+
+    Device arrays are reduced where they live (one jitted reduction per leaf, whatever its sharding,
+    so leaves on different meshes are fine) and only the per-leaf booleans come back to the host.
+    """
+    device_checks, host_failures = [], []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if isinstance(leaf, jax.Array):
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                device_checks.append((path, _all_finite(leaf)))
+        else:
+            array = np.asarray(leaf)
+            if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+                host_failures.append(path)
+    flags = jax.device_get([flag for _, flag in device_checks])
+    device_failures = [path for (path, _), finite in zip(device_checks, flags, strict=True) if not finite]
+    return [_render(_key_parts(path)) for path in device_failures + host_failures]
+
+
+def _key_parts(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A key path as plain strings, so a dataclass attribute, a dict key and a stored key compare equal."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    return tuple(parts)
+
+
+def _render(parts: tuple[str, ...]) -> str:
+    return "'" + "/".join(parts) + "'"
+
+
+def _leaf_shapes(stored_tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Key path -> shape for every leaf of a checkpoint's tree metadata (scalars have shape ())."""
+    return {
+        _key_parts(path): tuple(getattr(leaf, "shape", None) or ())
+        for path, leaf in jax.tree_util.tree_leaves_with_path(stored_tree)
+    }
+
+
+def _json_compatible_config(run_config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run config as plain JSON data (tuples become lists); an error names any value that is not."""
+    if run_config is None:
+        return {}
+    if isinstance(run_config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        run_config = run_config.to_dict()
+
+    def convert(value: Any, path: str) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): convert(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [convert(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if value is None or isinstance(value, (str, bool, int)):
+            return value
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        raise TypeError(
+            f"Run config key '{path}' holds {value!r} ({type(value).__name__}), which cannot be saved "
+            "as JSON beside the checkpoint; use a string, number, bool, None, list or dict."
+        )
+
+    return convert(run_config, "")
+
+
+def _check_json_object(value: Any, *, what: str) -> None:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a JSON object (a dict), got {type(value).__name__}.")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{what} is not JSON-serialisable (strict JSON, no NaN/Inf): {error}") from error
+
+
+def _library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in _VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
