@@ -327,6 +327,29 @@ class RMSNorm(nn.Module):
         return scale.astype(self.config.compute_dtype) * normed.astype(self.config.compute_dtype)
 
 
+class Embedding(nn.Module):
+    """Token embedding table [V, D] (parameter ``embedding``).
+
+    The lookup first gathers the table's fsdp-sharded D axis (keeping the vocab split over
+    ``tensor``): looking rows up in a table split on D would hand the first block activations split
+    on D, which XLA can only re-layout by copying the whole batch to every device.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+        table = self.param(
+            "embedding",
+            nn.initializers.normal(cfg.initializer_range),
+            (cfg.vocab_size, cfg.hidden_size),
+            cfg.weight_dtype,
+        )
+        table = constrain(table.astype(cfg.compute_dtype), P("tensor", None))
+        return jnp.take(table, input_ids, axis=0)
+
+
 class LlamaAttention(nn.Module):
     config: LlamaConfig
 
@@ -425,17 +448,10 @@ class LlamaModel(nn.Module):
         mask, new_cache_mask = _attention_mask(attention_mask, cache)
         cache_index = None if cache is None else cache.index
 
-        hidden = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype,
-            embedding_init=nn.initializers.normal(cfg.initializer_range),
-            name="embed_tokens",
-        )(input_ids)
+        hidden = Embedding(cfg, name="embed_tokens")(input_ids)
 
         block = LlamaBlock
-        if REMAT_POLICIES[cfg.remat] is not None or cfg.remat == "full":
+        if REMAT_POLICIES[cfg.remat] is not None:
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
         layer_caches = None if cache is None else (cache.keys, cache.values)
