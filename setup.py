@@ -25,6 +25,9 @@ setup(
         "tqdm>=4.60",
         "absl-py>=2.0",
         "pyarrow>=14",
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
+        "protobuf>=4",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "tokenizers>=0.20", "tensorboardX>=2.6"],

@@ -1,0 +1,1 @@
+"""Shared test helpers (tiny tokenizers built on the fly). Import as ``from helpers.tokenizers import ...``."""
