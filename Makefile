@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,3 +22,6 @@ test-fast: setup
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache build *.egg-info
+
+demo: setup
+	$(PY) demo/run.py

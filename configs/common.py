@@ -1,0 +1,31 @@
+"""Settings shared by the presets in this folder (importable because config files sit beside it)."""
+
+from __future__ import annotations
+
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEMO_DATA = REPO / "demo" / "data"
+DEMO_RUNS = REPO / "runs" / "demo"  # every demo output, whatever the working directory
+
+
+def apply_demo_settings(c, *, output_name: str) -> None:
+    """The bundled demo: the tiny model and tokenizer, short sequences, CPU-sized batches."""
+    c.output_dir = str(DEMO_RUNS / output_name)
+    c.train.export_hf_dir = str(DEMO_RUNS / output_name / "hf")
+    c.model.preset = "tiny"
+    c.model.vocab_size = 512
+    c.model.pad_token_id = 3
+    c.model.max_position_embeddings = 128
+    c.data.tokenizer_path = str(DEMO_DATA / "tokenizer.model")
+    c.data.pad_id = 3
+    c.data.chat_format = "tulu"
+    c.data.max_seq_len = 64
+    c.data.max_prompt_len = 40
+    c.data.global_batch_size = 32
+    c.data.num_proc = 1
+    c.data.cache_dir = str(DEMO_RUNS / "cache")
+    c.checkpoint.save_every_steps = 50
+    c.checkpoint.max_to_keep = 2
+    c.logging.progress_bar = True
+    c.train.log_every_steps = 10

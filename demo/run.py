@@ -1,0 +1,62 @@
+"""The demo behind `make demo`: every stage of preference tuning on the bundled task, on a CPU.
+
+    SFT (a starting policy) -> reward model (Bradley-Terry) -> ... each exported to Hugging Face format
+
+Each stage is an ordinary run of the one train loop with a ``demo`` preset from configs/, exactly
+what ``python -m easyppo.train --config=configs/<stage>.py:demo`` does; outputs go to runs/demo/.
+A stage whose export already exists is skipped, so an interrupted demo continues where it stopped
+(delete runs/demo to start over).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STAGES = ("sft", "rm")
+HEADLINE = {
+    "sft": ("loss", "held-out NLL per assistant token"),
+    "rm": ("accuracy", "held-out preference accuracy"),
+}
+
+
+def load_config(stage: str):
+    spec = importlib.util.spec_from_file_location(f"configs_{stage}", ROOT / "configs" / f"{stage}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config("demo")
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING)
+    from easyppo.train import train
+
+    results = {}
+    for stage in STAGES:
+        config = load_config(stage)
+        if (pathlib.Path(config.train.export_hf_dir) / "config.json").exists():
+            print(f"[{stage}] already done: {config.train.export_hf_dir} (delete runs/demo to redo)")
+            continue
+        print(f"\n=== {stage}: python -m easyppo.train --config=configs/{stage}.py:demo ===", flush=True)
+        with config.unlocked():
+            config.eval.at_start = True
+        start = time.time()
+        results[stage] = (train(config), time.time() - start)
+
+    print("\n=== demo summary ===")
+    for stage, (result, seconds) in results.items():
+        key, meaning = HEADLINE[stage]
+        before = result.initial_eval_metrics.get(key, float("nan"))
+        after = result.eval_metrics.get(key, float("nan"))
+        print(f"{stage:>4}: {meaning}: {before:.3f} -> {after:.3f}  ({result.step} steps, {seconds:.0f} s)")
+        print(f"      checkpoints: {result.checkpoint_dir}")
+        print(f"      Hugging Face export: {result.export_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

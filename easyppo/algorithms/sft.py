@@ -1,0 +1,69 @@
+"""Supervised fine-tuning: next-token negative log-likelihood on assistant tokens.
+
+Used to make a starting policy (and the reference model) for DPO and PPO. The loss is a token
+mean over the whole batch: the summed NLL divided by the number of loss tokens, aggregated exactly
+across gradient-accumulation microbatches (see easyppo.grad_accum).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from easyppo import ops
+from easyppo.algorithms import base
+from easyppo.models import llama
+
+NAME = "sft"
+DATA_KIND = "sft"
+MODEL_KIND = "causal_lm"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.logprob_chunk_size = 256  # Sequence positions per chunk of the vocab projection.
+    return c
+
+
+def sequence_logprobs(module, model_config: llama.LlamaConfig, params, input_ids, attention_mask,
+                      position_ids, loss_mask, *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probs [B, T] of ``input_ids`` where ``loss_mask`` is set, and that mask shifted.
+
+    Position t of the result scores token t + 1; the returned mask marks the scored positions.
+    """
+    hidden = module.apply(
+        {"params": params}, input_ids, attention_mask, position_ids, method="hidden_states"
+    )
+    targets, target_mask = ops.shift_for_next_token(input_ids, loss_mask)
+    logprobs = ops.token_logprobs(
+        hidden, llama.output_embedding(params, model_config), targets, chunk_size=chunk_size
+    )
+    return logprobs, target_mask
+
+
+def make_loss_fn(module, model_config: llama.LlamaConfig, config: ml_collections.ConfigDict) -> base.LossFn:
+    chunk_size = config.sft.logprob_chunk_size
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen, rng
+        logprobs, mask = sequence_logprobs(
+            module, model_config, params, batch["input_ids"], batch["attention_mask"],
+            batch["position_ids"], batch["loss_mask"], chunk_size=chunk_size,
+        )
+        nll_sum = -ops.masked_sum(logprobs, mask)
+        tokens = jnp.sum(mask).astype(jnp.float32)
+        rows = jnp.sum(batch["example_mask"]).astype(jnp.float32)
+        return nll_sum, {
+            "loss": (nll_sum, tokens),
+            "tokens_per_example": (tokens, rows),
+        }
+
+    return loss_fn
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data):
+    del train_data, eval_data  # the loop feeds the batches; nothing is precomputed
+    return base.make_gradient_trainer(
+        config, mesh, total_steps, name=NAME, data_kind=DATA_KIND, kind=MODEL_KIND, make_loss_fn=make_loss_fn
+    )

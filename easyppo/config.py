@@ -1,0 +1,159 @@
+"""The run configuration: one ConfigDict assembled from every component's own defaults.
+
+Each component owns its defaults (``easyppo.models.loading.default_config``,
+``easyppo.data.pipeline.default_config``, ``easyppo.optim.default_config`` ...); this module only
+puts them side by side and adds the loop's own options. Config files in ``configs/`` start from
+``base_config(algorithm)`` and change values; the command line changes them again
+(``--config.optim.learning_rate=1e-6``). Nothing here reads flags.
+
+``validate`` runs every check that needs no weights and no data, so a typo or an impossible mesh
+fails in a second, not after the model has loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from easyppo import checkpoint, optim, sharding
+from easyppo import logging as metric_logging
+from easyppo.algorithms import get_algorithm
+from easyppo.data import pipeline
+from easyppo.models import loading
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config.{key}: {message}")
+        self.key = key
+
+
+def train_defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.num_steps = 0  # 0: data.num_epochs epochs.
+    c.grad_accum_steps = 1  # Microbatches per step (the global batch is split, not multiplied).
+    c.log_every_steps = 10
+    c.max_consecutive_nonfinite = 5  # Skipped (NaN/Inf) steps in a row before the run stops.
+    c.export_hf_dir = ""  # Write the final model here as a Hugging Face directory.
+    c.stop_at_step = 0  # >0: save and stop at this step (split a run into bounded jobs); resume later.
+    return c
+
+
+def eval_defaults() -> ml_collections.ConfigDict:
+    """A held-out split read with the training data's format, tokenizer and lengths."""
+    c = ml_collections.ConfigDict()
+    c.path = ""  # Files of held-out rows; "" with hf_dataset "" means no evaluation.
+    c.hf_dataset = ""
+    c.split = "test"  # For hf_dataset.
+    c.every_steps = 0  # 0: only at the end of the run.
+    c.at_start = False  # Also evaluate before the first step (a baseline to compare against).
+    c.batch_size = config_dict.placeholder(int)  # None: data.global_batch_size.
+    c.max_batches = 0  # 0: the whole split.
+    return c
+
+
+def base_config(algorithm: str) -> ml_collections.ConfigDict:
+    """Every option of a run of ``algorithm`` with its default."""
+    module = get_algorithm(algorithm)
+    c = ml_collections.ConfigDict()
+    c.algorithm = algorithm
+    c.seed = 0
+    c.output_dir = ""  # Checkpoints, metrics and exports go below it unless set individually.
+    c.model = loading.default_config()
+    c.mesh = sharding.default_config()
+    c.data = pipeline.default_config()
+    c.data.kind = module.DATA_KIND
+    c.eval = eval_defaults()
+    c.optim = optim.default_config()
+    c.train = train_defaults()
+    c.checkpoint = checkpoint.default_config()
+    c.logging = metric_logging.default_config()
+    c[module.NAME] = module.default_config()
+    return c
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Fills checkpoint and logging directories from ``output_dir`` where they are unset."""
+    if not config.output_dir and not (config.checkpoint.directory and config.logging.directory):
+        raise ConfigError("output_dir", "set output_dir (or both checkpoint.directory and logging.directory)")
+    with config.unlocked():
+        if not config.checkpoint.directory:
+            config.checkpoint.directory = os.path.join(config.output_dir, "checkpoints")
+        if not config.logging.directory:
+            config.logging.directory = os.path.join(config.output_dir, "logs")
+        # Orbax needs absolute paths, and a run should not change meaning with the working directory.
+        config.checkpoint.directory = absolute(config.checkpoint.directory)
+        config.logging.directory = absolute(config.logging.directory)
+        config.train.export_hf_dir = absolute(config.train.export_hf_dir)
+    return config
+
+
+def absolute(path: str) -> str:
+    """``path`` made absolute unless it is empty or a URL such as ``gs://bucket/dir``."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:
+    """Cheap consistency checks; raises ConfigError naming the key. Runs before anything loads."""
+    module = get_algorithm(config.algorithm)
+    if config.data.kind != module.DATA_KIND:
+        raise ConfigError("data.kind", f"{config.algorithm} trains on {module.DATA_KIND!r} rows, not {config.data.kind!r}")
+    try:
+        mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, num_devices)))
+    except ValueError as e:
+        raise ConfigError("mesh", str(e)) from e
+    batch_ways = mesh_shape["data"] * mesh_shape["fsdp"]
+    batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
+    if accum < 1:
+        raise ConfigError("train.grad_accum_steps", f"must be >= 1, got {accum}")
+    if batch % (accum * batch_ways):
+        raise ConfigError(
+            "data.global_batch_size",
+            f"{batch} rows must split into train.grad_accum_steps={accum} microbatches, each divisible by "
+            f"mesh.data * mesh.fsdp = {batch_ways}",
+        )
+    if batch % process_count:
+        raise ConfigError("data.global_batch_size", f"{batch} is not divisible by the {process_count} processes")
+    eval_batch = config.eval.batch_size or batch
+    if eval_batch % batch_ways or eval_batch % process_count:
+        raise ConfigError("eval.batch_size", f"{eval_batch} must be divisible by mesh.data * mesh.fsdp = {batch_ways}")
+    architecture = loading.resolve_architecture(config.model)
+    if config.data.max_seq_len > architecture.max_position_embeddings:
+        raise ConfigError(
+            "data.max_seq_len",
+            f"{config.data.max_seq_len} exceeds the model's max_position_embeddings={architecture.max_position_embeddings}",
+        )
+    prompt_len = config.data.max_prompt_len
+    if prompt_len is not None and config.data.kind != "prompt" and prompt_len >= config.data.max_seq_len:
+        raise ConfigError("data.max_prompt_len", f"{prompt_len} leaves no room for a response in max_seq_len={config.data.max_seq_len}")
+    if config.train.num_steps < 0:
+        raise ConfigError("train.num_steps", f"must be >= 0, got {config.train.num_steps}")
+    if not config.train.num_steps and not config.data.num_epochs:
+        raise ConfigError("train.num_steps", "set train.num_steps or data.num_epochs so the run has an end")
+    if config.train.max_consecutive_nonfinite < 1:
+        raise ConfigError("train.max_consecutive_nonfinite", "must be >= 1")
+
+
+def check_override_keys(config: ml_collections.ConfigDict, dotted_keys: list[str]) -> None:
+    """Fails on an unknown ``a.b.c`` key with the closest existing key as a suggestion."""
+    flat = set(_flatten_keys(config))
+    for key in dotted_keys:
+        if key not in flat:
+            close = difflib.get_close_matches(key, sorted(flat), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(key, f"unknown key{hint}")
+
+
+def _flatten_keys(config: ml_collections.ConfigDict, prefix: str = ""):
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        yield dotted
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flatten_keys(value, dotted + ".")

@@ -1,0 +1,146 @@
+"""From the ``model`` section of a run config to a (config, module, sharded params) triple.
+
+Every algorithm starts its models here, so there is one answer to "where do the weights come from":
+
+* ``init_from=""``: random initialisation of ``preset`` (with any architecture overrides), born
+  sharded on the mesh;
+* a Hugging Face directory (has ``config.json``): ``easyppo.convert.load_hf``;
+* an easyppo model checkpoint (has ``easyppo_model.json``): ``easyppo.convert.load_checkpoint``;
+* a train run's checkpoint directory (Orbax steps written by the train loop): the ``params`` of its
+  latest step, with the architecture taken from the run's saved config.
+
+A causal-LM checkpoint can start a reward or value model: the trunk is kept, the LM head dropped and
+a fresh score head initialised. Reward and value models load each other's checkpoints directly.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+from ml_collections import config_dict
+
+from easyppo import checkpoint, convert, sharding
+from easyppo.models import llama
+
+ARCHITECTURE_OVERRIDES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every model option; an algorithm config holds one of these per model it trains or uses."""
+    c = ml_collections.ConfigDict()
+    c.init_from = ""  # "": random init of `preset`; else a HF dir, easyppo checkpoint or run dir.
+    c.preset = "tiny"  # Architecture for random init (see easyppo.models.llama.PRESETS).
+    for name in ARCHITECTURE_OVERRIDES:  # Optional changes to the preset (random init only).
+        setattr(c, name, config_dict.placeholder(bool if name == "tie_word_embeddings" else int))
+    c.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators).
+    c.param_dtype = "float32"  # Master weights and optimizer state.
+    c.remat = "none"  # One of easyppo.models.llama.REMAT_POLICIES.
+    c.scan_layers = False  # nn.scan over layers: compile time independent of depth.
+    return c
+
+
+def _compute_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
+
+
+def resolve_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
+    """The architecture the ``model`` config describes, without touching any weights."""
+    compute = _compute_settings(cfg)
+    if not cfg.init_from:
+        overrides = {name: cfg[name] for name in ARCHITECTURE_OVERRIDES if cfg[name] is not None}
+        return llama.get_preset(cfg.preset, **overrides, **compute)
+    path = epath.Path(cfg.init_from)
+    if not path.exists():
+        raise FileNotFoundError(f"model.init_from={cfg.init_from!r} does not exist")
+    if (path / convert.MODEL_METADATA_FILE).exists():
+        config, _ = convert.read_checkpoint_metadata(str(path))
+        return config.replace(**compute)
+    if (path / "config.json").exists():
+        return llama.LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text()), **compute)
+    if checkpoint.is_run_directory(path):
+        model_cfg = ml_collections.ConfigDict(checkpoint.read_run_config(path)["model"])
+        return resolve_architecture(model_cfg).replace(**compute)
+    raise ValueError(
+        f"model.init_from={cfg.init_from!r} is neither a Hugging Face directory (config.json), an easyppo "
+        f"model checkpoint ({convert.MODEL_METADATA_FILE}) nor a train run's checkpoint directory"
+    )
+
+
+def load_model(
+    cfg: ml_collections.ConfigDict,
+    kind: str,
+    *,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+    rules: sharding.PartitionRules = sharding.LLAMA_RULES,
+) -> tuple[llama.LlamaConfig, Any, dict]:
+    """Builds the ``kind`` model ("causal_lm" | "reward" | "value") with sharded float params."""
+    config = resolve_architecture(cfg)
+    sharding.check_model_fits_mesh(config, mesh)
+    module = llama.make_model(config, kind)
+    fresh = lambda key: llama.make_model(config, kind).init(key, jax.numpy.zeros((1, 8), "int32"))["params"]
+    if not cfg.init_from:
+        return config, module, sharding.sharded_init(fresh, rng, mesh=mesh, rules=rules)
+
+    loaded_kind, loaded = _load_weights(cfg, config, kind, mesh, rules)
+    if loaded_kind == kind or {loaded_kind, kind} == {"reward", "value"}:
+        return config, module, loaded
+    if loaded_kind == "causal_lm":  # new scalar head on a pretrained trunk
+        head = sharding.sharded_init(lambda key: {"score": fresh(key)["score"]}, rng, mesh=mesh, rules=rules)
+        return config, module, {"model": loaded["model"], **head}
+    raise ValueError(f"model.init_from={cfg.init_from!r} holds a {loaded_kind} model, which cannot start a {kind} model")
+
+
+def _load_weights(cfg, config, kind, mesh, rules) -> tuple[str, dict]:
+    path = epath.Path(cfg.init_from)
+    if (path / convert.MODEL_METADATA_FILE).exists():
+        _, loaded_kind, params = convert.load_checkpoint(
+            str(path), mesh=mesh, rules=rules, param_dtype=cfg.param_dtype
+        )
+        return loaded_kind, _relayout(params, config)
+    if (path / "config.json").exists():
+        hf_kind = convert.architecture_kind(json.loads((path / "config.json").read_text()), str(path))
+        loaded_kind = "causal_lm" if hf_kind == "causal_lm" else kind if kind != "causal_lm" else "reward"
+        _, _, params = convert.load_hf(
+            str(path), loaded_kind, mesh=mesh, rules=rules, **_compute_settings(cfg)
+        )
+        return loaded_kind, params
+    loaded_kind = _run_model_kind(checkpoint.read_run_config(path))
+    abstract = jax.eval_shape(
+        lambda: llama.make_model(config, loaded_kind).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"]
+    )
+    shardings = sharding.named_shardings(abstract, mesh, rules)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return loaded_kind, checkpoint.restore_subtree(path, {"params": target})["params"]
+
+
+def _run_model_kind(run_config: dict) -> str:
+    from easyppo.algorithms import get_algorithm
+
+    return get_algorithm(run_config["algorithm"]).MODEL_KIND
+
+
+def _relayout(params: dict, config: llama.LlamaConfig) -> dict:
+    """Stacks or unstacks layers when the checkpoint's layout differs from ``config.scan_layers``."""
+    has_stack = "layers" in params["model"]
+    if config.scan_layers and not has_stack:
+        return llama.stack_layers(params, config.num_hidden_layers)
+    if not config.scan_layers and has_stack:
+        return llama.unstack_layers(params, config.num_hidden_layers)
+    return params
