@@ -1,4 +1,8 @@
-"""Test-wide setup: an 8-device emulated CPU mesh, no network, and a persistent compile cache.
+"""Test-wide setup: an 8-device emulated CPU mesh and no network.
+
+No persistent compilation cache: with jaxlib 0.10.2 on CPU, an executable with cross-device
+collectives loaded back from the cache can hang in its all-reduce rendezvous (seen here with the
+8 emulated devices), which costs far more than the compile time it saves.
 
 The environment variables must be set before JAX initialises a backend, which is why they live at the
 very top of this file rather than in a fixture.
@@ -15,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 
-_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
-jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# With 8 emulated devices on 2 cores, several asynchronously dispatched programs that each run a
+# collective can wait on one another's threads forever (an all-reduce rendezvous never completes).
+# Synchronous CPU dispatch keeps one program in flight at a time; real accelerators are unaffected.
+jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -96,6 +96,9 @@ class GradientTrainer:
     pad_token_id: int | None = None
     metric_finalizer: Callable[[dict[str, float]], dict[str, float]] | None = None
     rules: sharding.PartitionRules = sharding.LLAMA_RULES
+    # What eval_step passes as ``frozen`` when it differs from training's: per-row frozen inputs, such
+    # as DPO's precomputed reference log-probs, are indexed by row of their own split. None: ``frozen``.
+    eval_frozen: PyTree = None
 
     def __post_init__(self):
         params_shardings = jax.tree.map(lambda x: x.sharding, self.initial_params)
@@ -138,7 +141,7 @@ class GradientTrainer:
     def _train_step_impl(self, state: TrainState, batch, rng, frozen):
         loss_fn = functools.partial(_bind_frozen, self.loss_fn, frozen)
         grads, metrics = grad_accum.accumulate_gradients(loss_fn, state.params, batch, rng, self.num_microbatches)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -160,7 +163,7 @@ class GradientTrainer:
 
     def eval_step(self, state: TrainState, batch) -> MetricPairs:
         with jax.set_mesh(self.mesh):
-            return self._eval_step(state.params, batch, self.frozen)
+            return self._eval_step(state.params, batch, self.frozen if self.eval_frozen is None else self.eval_frozen)
 
     def finalize_metrics(self, means: dict[str, float]) -> dict[str, float]:
         return self.metric_finalizer(means) if self.metric_finalizer else means
@@ -192,6 +195,7 @@ def make_gradient_trainer(
     kind: str,
     make_loss_fn: Callable[[Any, llama.LlamaConfig, ml_collections.ConfigDict], LossFn],
     frozen: PyTree = None,
+    eval_frozen: PyTree = None,
     metric_finalizer: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> GradientTrainer:
     """The usual recipe: load the model named by ``config.model``, build the optimizer, jit the step."""
@@ -211,6 +215,7 @@ def make_gradient_trainer(
         num_microbatches=config.train.grad_accum_steps,
         pad_token_id=config.data.pad_id if config.data.pad_id is not None else model_config.pad_token_id,
         metric_finalizer=metric_finalizer,
+        eval_frozen=eval_frozen,
     )
 
 

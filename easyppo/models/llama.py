@@ -225,6 +225,8 @@ def get_preset(name: str, **overrides: Any) -> LlamaConfig:
     """Returns a named architecture, optionally with fields replaced (``get_preset("tiny", dtype=...)``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    if {"hidden_size", "num_attention_heads"} & overrides.keys() and "head_dim" not in overrides:
+        overrides["head_dim"] = None  # derive it again from the new width / head count
     return PRESETS[name].replace(**overrides)
 
 

@@ -1,0 +1,274 @@
+"""Specification of the one train loop: resume, preemption, non-finite steps, config errors, sharding,
+and that SFT and the reward model learn the demo task."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from easyppo import checkpoint, sharding
+from easyppo import config as run_config
+from easyppo import train as train_lib
+from easyppo.algorithms import base, rm, sft
+from easyppo.data import pipeline
+from easyppo.models import llama
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEMO_DATA = REPO / "demo" / "data"
+
+
+def _head(src: pathlib.Path, dst: pathlib.Path, rows: int) -> str:
+    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:rows]))
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first rows of the demo's files: enough for a few steps, and one cache for the module."""
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "sft": _head(DEMO_DATA / "sft_train.jsonl", root / "sft.jsonl", 40),
+        "sft_eval": _head(DEMO_DATA / "sft_eval.jsonl", root / "sft_eval.jsonl", 16),
+        "preference": _head(DEMO_DATA / "preference_train.jsonl", root / "pref.jsonl", 40),
+        "cache": str(root / "cache"),
+    }
+
+
+def tiny_config(algorithm: str, out: pathlib.Path, data: dict, **train_overrides):
+    """A run of the tiny model on the demo tokenizer; 5 steps per epoch over 40 rows."""
+    c = run_config.base_config(algorithm)
+    c.output_dir = str(out)
+    c.model.preset = "tiny"
+    c.model.pad_token_id = 3
+    c.data.path = data["sft" if algorithm == "sft" else "preference"]
+    c.data.tokenizer_path = str(DEMO_DATA / "tokenizer.model")
+    c.data.pad_id = 3
+    c.data.max_seq_len = 64
+    c.data.max_prompt_len = 40
+    c.data.global_batch_size = 8
+    c.data.num_proc = 1
+    c.data.cache_dir = data["cache"]
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 2
+    c.train.num_steps = 7
+    c.train.log_every_steps = 1
+    c.checkpoint.save_every_steps = 100
+    c.checkpoint.async_save = False
+    c.logging.progress_bar = False
+    for key, value in train_overrides.items():
+        c.train[key] = value
+    return c
+
+
+def final_params(run_dir: pathlib.Path, config):
+    model_config = llama.get_preset("tiny", pad_token_id=3)
+    kind = "causal_lm" if config.algorithm == "sft" else "reward"
+    abstract = jax.eval_shape(lambda: llama.init_params(model_config, kind, jax.random.key(0)))
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+        abstract,
+    )
+    return checkpoint.restore_subtree(run_dir / "checkpoints", {"params": target})["params"]
+
+
+def metrics_lines(run_dir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "rm"])
+def test_an_interrupted_and_resumed_run_ends_with_bitwise_identical_parameters(tmp_path, small_data, algorithm):
+    whole = tiny_config(algorithm, tmp_path / "whole", small_data)
+    assert train_lib.train(whole).status == "completed"
+
+    split = tiny_config(algorithm, tmp_path / "split", small_data, stop_at_step=3)  # mid-epoch
+    first = train_lib.train(split)
+    assert (first.status, first.step) == ("stopped", 3)
+    with split.unlocked():
+        split.train.stop_at_step = 0
+    second = train_lib.train(split)
+    assert (second.status, second.step) == ("completed", 7)  # crossed into the second epoch
+
+    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "whole", whole), final_params(tmp_path / "split", split))
+    whole_losses = {m["step"]: m["loss"] for m in metrics_lines(tmp_path / "whole") if "loss" in m}
+    split_losses = {m["step"]: m["loss"] for m in metrics_lines(tmp_path / "split") if "loss" in m}
+    assert whole_losses == split_losses
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, small_data):
+    config_file = tmp_path / "long_run.py"
+    config_file.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_train import tiny_config\n"
+        "import pathlib\n"
+        "def get_config(arg=None):\n"
+        f"    return tiny_config('sft', pathlib.Path({str(tmp_path / 'run')!r}), {small_data!r}, num_steps=100000)\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "easyppo.train", f"--config={config_file}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics_file = tmp_path / "run" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "preempted" in output
+    saved = checkpoint.Checkpointer(_checkpoint_cfg(tmp_path / "run" / "checkpoints"), read_only=True).latest_step()
+    logged = max(m["step"] for m in metrics_lines(tmp_path / "run"))
+    assert saved is not None and saved >= logged >= 2
+
+
+def _checkpoint_cfg(directory):
+    cfg = checkpoint.default_config()
+    cfg.directory = str(directory)
+    return cfg
+
+
+def _poisoned(make_loss_fn):
+    """A loss that is NaN whenever the batch carries a true ``poison`` flag."""
+
+    def make(module, model_config, config):
+        loss_fn = make_loss_fn(module, model_config, config)
+
+        def poisoned(params, frozen, batch, rng):
+            batch = dict(batch)
+            poison = batch.pop("poison", jnp.zeros((1,), bool)).any()
+            loss, metrics = loss_fn(params, frozen, batch, rng)
+            factor = jnp.where(poison, jnp.nan, 1.0)
+            return loss * factor, {**metrics, "loss": (metrics["loss"][0] * factor, metrics["loss"][1])}
+
+        return poisoned
+
+    return make
+
+
+def _sft_batch(config, mesh, poison: bool):
+    data = pipeline.prepare_data(config.data)
+    host = next(pipeline.make_iterator(data, config.data))
+    host["poison"] = np.full((host["input_ids"].shape[0],), poison)
+    return sharding.host_local_to_global(host, mesh)
+
+
+def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched(tmp_path, small_data):
+    config = run_config.resolve_paths(tiny_config("sft", tmp_path, small_data))
+    config.optim.warmup_steps = None  # a zero warmup learning rate would hide whether the update applied
+    mesh = sharding.make_mesh(config.mesh)
+    trainer = base.make_gradient_trainer(
+        config, mesh, 7, name="sft", data_kind="sft", kind="causal_lm", make_loss_fn=_poisoned(sft.make_loss_fn)
+    )
+    state = trainer.init_state()
+    before = jax.device_get(state)
+    state, metrics = trainer.train_step(state, _sft_batch(config, mesh, poison=True), jax.random.key(0))
+    assert float(metrics["skipped"]) == 1.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), before.opt_state)
+    state, metrics = trainer.train_step(state, _sft_batch(config, mesh, poison=False), jax.random.key(1))
+    assert float(metrics["skipped"]) == 0.0
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before.params)
+    assert all(jax.tree.leaves(changed))
+
+
+def test_consecutive_non_finite_steps_stop_the_run_and_nothing_non_finite_is_saved(tmp_path, small_data, monkeypatch):
+    always_nan = lambda make: (lambda *a: (lambda p, f, b, r: _nan(make(*a)(p, f, b, r))))
+    monkeypatch.setattr(sft, "make_loss_fn", always_nan(sft.make_loss_fn))
+    config = tiny_config("sft", tmp_path, small_data, max_consecutive_nonfinite=3)
+    with pytest.raises(train_lib.NonFiniteTrainingError, match="3 consecutive steps"):
+        train_lib.train(config)
+    assert checkpoint.Checkpointer(_checkpoint_cfg(tmp_path / "checkpoints"), read_only=True).latest_step() is None
+    assert metrics_lines(tmp_path)[-1]["nonfinite_steps"] == 3
+
+
+def _nan(result):
+    loss, metrics = result
+    return loss * jnp.nan, {**metrics, "loss": (metrics["loss"][0] * jnp.nan, metrics["loss"][1])}
+
+
+def test_an_unknown_config_key_is_named_with_the_closest_match():
+    with pytest.raises(run_config.ConfigError, match=r"optim\.learning_rat.*did you mean 'optim\.learning_rate'"):
+        train_lib.config_from_argv(["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rat=1e-4"])
+
+
+def test_a_wrongly_typed_override_names_the_flag():
+    with pytest.raises(run_config.ConfigError, match="config.optim.learning_rate"):
+        train_lib.config_from_argv(["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rate=fast"])
+
+
+def test_overrides_reach_the_config():
+    config = train_lib.config_from_argv(
+        ["train", f"--config={REPO}/configs/rm.py:demo", "--config.optim.learning_rate=0.5", "--config.mesh.fsdp=2"]
+    )
+    assert (config.algorithm, config.optim.learning_rate, config.mesh.fsdp) == ("rm", 0.5, 2)
+
+
+def test_a_mesh_that_does_not_match_the_devices_fails_before_anything_loads(tmp_path, small_data):
+    config = tiny_config("sft", tmp_path, small_data)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 3, 1, 1
+    with pytest.raises(run_config.ConfigError, match=r"config\.mesh.*8"):
+        run_config.validate(config, num_devices=8)
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_names_the_key(tmp_path, small_data):
+    config = tiny_config("sft", tmp_path, small_data, grad_accum_steps=4)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    with pytest.raises(run_config.ConfigError, match=r"data\.global_batch_size.*grad_accum_steps=4"):
+        run_config.validate(config, num_devices=8)
+
+
+def test_the_sharded_step_equals_the_single_device_step(tmp_path, small_data):
+    config = run_config.resolve_paths(tiny_config("rm", tmp_path, small_data))
+    results = []
+    for shape, devices in (((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])):
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+        mesh = sharding.make_mesh(config.mesh, devices=devices)
+        trainer = rm.make_trainer(config, mesh, 7, train_data=None, eval_data=None)
+        state = trainer.init_state()
+        data = pipeline.prepare_data(config.data)
+        iterator = pipeline.make_iterator(data, config.data)
+        for step in range(2):
+            batch = sharding.host_local_to_global(next(iterator), mesh)
+            state, metrics = trainer.train_step(state, batch, jax.random.key(step))
+        results.append((jax.device_get(state.params), float(metrics["loss"])))
+    (sharded, sharded_loss), (single, single_loss) = results
+    np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), sharded, single)
+
+
+def test_sft_lowers_held_out_loss_and_exports_a_loadable_model(tmp_path, small_data):
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config("sft", tmp_path, small_data, num_steps=30, export_hf_dir=str(tmp_path / "hf"))
+    config.optim.learning_rate = 3e-3
+    config.eval.path = small_data["sft_eval"]
+    config.eval.at_start = True
+    result = train_lib.train(config)
+    assert result.eval_metrics["loss"] < 0.75 * result.initial_eval_metrics["loss"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.pad_token_id == 3
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.vocab_size == 512
+
+
+@pytest.mark.slow
+def test_the_reward_model_learns_the_demo_preference_rule(tmp_path):
+    """From random initialisation, >= 90% held-out accuracy on the demo's hidden rule."""
+    data = {"preference": str(DEMO_DATA / "preference_train.jsonl"), "cache": str(tmp_path / "cache")}
+    config = tiny_config("rm", tmp_path, data, num_steps=150, log_every_steps=50)
+    config.data.global_batch_size = 32
+    config.optim.learning_rate = 2e-3
+    config.eval.path = str(DEMO_DATA / "preference_eval.jsonl")
+    result = train_lib.train(config)
+    assert result.eval_metrics["accuracy"] >= 0.9, result.eval_metrics
