@@ -1,6 +1,7 @@
 """The demo behind `make demo`: every stage of preference tuning on the bundled task, on a CPU.
 
-    SFT (a starting policy) -> reward model (Bradley-Terry) -> ... each exported to Hugging Face format
+    SFT (a starting policy) -> reward model (Bradley-Terry) -> DPO (from the SFT policy) -> ...
+    each exported to Hugging Face format
 
 Each stage is an ordinary run of the one train loop with a ``demo`` preset from configs/, exactly
 what ``python -m easyppo.train --config=configs/<stage>.py:demo`` does; outputs go to runs/demo/.
@@ -17,10 +18,13 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-STAGES = ("sft", "rm")
+STAGES = ("sft", "rm", "dpo")
+# The held-out metrics each stage's summary prints before -> after: (metric, what it means).
 HEADLINE = {
-    "sft": ("loss", "held-out NLL per assistant token"),
-    "rm": ("accuracy", "held-out preference accuracy"),
+    "sft": [("loss", "held-out NLL per assistant token")],
+    "rm": [("accuracy", "held-out preference accuracy")],
+    "dpo": [("accuracy", "held-out preference accuracy (implicit reward)"),
+            ("reward_margin", "held-out implicit-reward margin")],
 }
 
 
@@ -49,10 +53,11 @@ def main() -> int:
 
     print("\n=== demo summary ===")
     for stage, (result, seconds) in results.items():
-        key, meaning = HEADLINE[stage]
-        before = result.initial_eval_metrics.get(key, float("nan"))
-        after = result.eval_metrics.get(key, float("nan"))
-        print(f"{stage:>4}: {meaning}: {before:.3f} -> {after:.3f}  ({result.step} steps, {seconds:.0f} s)")
+        print(f"{stage:>4}: {result.step} steps, {seconds:.0f} s")
+        for key, meaning in HEADLINE[stage]:
+            before = result.initial_eval_metrics.get(key, float("nan"))
+            after = result.eval_metrics.get(key, float("nan"))
+            print(f"      {meaning}: {before:.3f} -> {after:.3f}")
         print(f"      checkpoints: {result.checkpoint_dir}")
         print(f"      Hugging Face export: {result.export_dir}")
     return 0

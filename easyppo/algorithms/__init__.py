@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import types
 
-from easyppo.algorithms import rm, sft
+from easyppo.algorithms import dpo, rm, sft
 
-ALGORITHMS: dict[str, types.ModuleType] = {module.NAME: module for module in (sft, rm)}
+ALGORITHMS: dict[str, types.ModuleType] = {module.NAME: module for module in (sft, rm, dpo)}
 
 
 def get_algorithm(name: str) -> types.ModuleType:
