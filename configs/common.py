@@ -29,3 +29,17 @@ def apply_demo_settings(c, *, output_name: str) -> None:
     c.checkpoint.max_to_keep = 2
     c.logging.progress_bar = True
     c.train.log_every_steps = 10
+
+
+def apply_pod_settings(c, *, init_from: str, save_every_steps: int = 500) -> None:
+    """Large-model engineering shared by the accelerator presets (not part of any recipe).
+
+    ``init_from`` (a HF name in the presets) must be a local copy of that checkpoint.
+    """
+    c.model.init_from = init_from
+    c.data.tokenizer_path = init_from
+    c.model.dtype = "bfloat16"
+    c.model.remat = "dots_no_batch"
+    c.model.scan_layers = True
+    c.mesh.fsdp = -1
+    c.checkpoint.save_every_steps = save_every_steps

@@ -41,21 +41,16 @@ import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import DEMO_DATA, DEMO_RUNS, apply_demo_settings  # noqa: E402
+from common import DEMO_DATA, DEMO_RUNS, apply_demo_settings, apply_pod_settings  # noqa: E402
 
 from easyppo.config import base_config  # noqa: E402
 
 PRESETS = ("demo", "tulu25_13b_uf_mean", "tulu3_8b_dpo_norm")
 
 
-def _pod_settings(c) -> None:
-    """Large-model engineering shared by the accelerator presets (not part of any recipe)."""
-    c.model.dtype = "bfloat16"
-    c.model.remat = "dots_no_batch"
-    c.model.scan_layers = True
-    c.mesh.fsdp = -1
+def _pod_settings(c, init_from: str) -> None:
+    apply_pod_settings(c, init_from=init_from)
     c.dpo.reference = "precomputed"
-    c.checkpoint.save_every_steps = 500
 
 
 def get_config(preset: str = "demo"):
@@ -75,11 +70,9 @@ def get_config(preset: str = "demo"):
         c.dpo.reference_cache_dir = str(DEMO_RUNS / "cache" / "reference_logprobs")
     elif preset == "tulu25_13b_uf_mean":
         c.output_dir = "runs/tulu25_13b_dpo_uf_mean"
-        c.model.init_from = "allenai/tulu-2-13b"  # a local copy of the HF checkpoint
-        _pod_settings(c)
+        _pod_settings(c, "allenai/tulu-2-13b")
         c.data.hf_dataset = "allenai/tulu-2.5-preference-data"
         c.data.split = "ultrafeedback_mean_aspects"
-        c.data.tokenizer_path = "allenai/tulu-2-13b"
         c.data.chat_format = "tulu"
         c.data.max_seq_len = 4096
         c.data.max_prompt_len = 2048
@@ -96,10 +89,8 @@ def get_config(preset: str = "demo"):
         c.dpo.beta = 0.1
     elif preset == "tulu3_8b_dpo_norm":
         c.output_dir = "runs/tulu3_8b_dpo_norm"
-        c.model.init_from = "allenai/Llama-3.1-Tulu-3-8B-SFT"  # a local copy of the HF checkpoint
-        _pod_settings(c)
+        _pod_settings(c, "allenai/Llama-3.1-Tulu-3-8B-SFT")
         c.data.hf_dataset = "allenai/llama-3.1-tulu-3-8b-preference-mixture"
-        c.data.tokenizer_path = "allenai/Llama-3.1-Tulu-3-8B-SFT"
         c.data.chat_format = "tulu"
         c.data.max_seq_len = 2048
         c.data.max_prompt_len = 1024

@@ -15,7 +15,7 @@ import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import DEMO_DATA, DEMO_RUNS, apply_demo_settings  # noqa: E402
+from common import DEMO_DATA, DEMO_RUNS, apply_demo_settings, apply_pod_settings  # noqa: E402
 
 from easyppo.config import base_config  # noqa: E402
 
@@ -32,14 +32,9 @@ def get_config(preset: str = "demo"):
         c.optim.warmup_ratio = 0.1
     elif preset == "tulu25_13b_uf":
         c.output_dir = "runs/tulu25_13b_rm_uf"
-        c.model.init_from = "allenai/tulu-2-13b"  # a local copy of the HF checkpoint
-        c.model.dtype = "bfloat16"
-        c.model.remat = "dots_no_batch"
-        c.model.scan_layers = True
-        c.mesh.fsdp = -1
+        apply_pod_settings(c, init_from="allenai/tulu-2-13b")
         c.data.hf_dataset = "allenai/ultrafeedback_binarized_cleaned"
         c.data.split = "train_prefs"
-        c.data.tokenizer_path = "allenai/tulu-2-13b"
         c.data.max_seq_len = 2048
         c.data.max_prompt_len = 1024
         c.data.global_batch_size = 512

@@ -12,7 +12,7 @@ import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from common import DEMO_DATA, apply_demo_settings  # noqa: E402
+from common import DEMO_DATA, apply_demo_settings, apply_pod_settings  # noqa: E402
 
 from easyppo.config import base_config  # noqa: E402
 
@@ -30,13 +30,8 @@ def get_config(preset: str = "demo"):
         c.optim.end_lr_ratio = 0.1
     elif preset == "tulu2_7b":
         c.output_dir = "runs/tulu2_7b_sft"
-        c.model.init_from = "meta-llama/Llama-2-7b-hf"  # a local copy of the HF checkpoint
-        c.model.dtype = "bfloat16"
-        c.model.remat = "dots_no_batch"
-        c.model.scan_layers = True
-        c.mesh.fsdp = -1
+        apply_pod_settings(c, init_from="meta-llama/Llama-2-7b-hf")
         c.data.hf_dataset = "allenai/tulu-v2-sft-mixture"
-        c.data.tokenizer_path = "meta-llama/Llama-2-7b-hf"
         c.data.max_seq_len = 8192
         c.data.max_prompt_len = 8191
         c.data.global_batch_size = 128
@@ -44,7 +39,6 @@ def get_config(preset: str = "demo"):
         c.optim.learning_rate = 2e-5
         c.optim.warmup_ratio = 0.03
         c.optim.weight_decay = 0.0
-        c.checkpoint.save_every_steps = 500
     else:
         raise ValueError(f"unknown sft preset {preset!r}: use 'demo' or 'tulu2_7b'")
     return c

@@ -37,6 +37,9 @@ def load_config(stage: str):
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
+    import datasets
+
+    datasets.disable_progress_bars()  # tokenising a few KB needs no progress bars
     from easyppo.train import train
 
     results = {}
