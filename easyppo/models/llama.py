@@ -356,7 +356,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache, cache_index):
+    def __call__(self, x, positions, mask, stacked_cache, layer, cache_index):
         cfg = self.config
         batch, length, _ = x.shape
         q = _dense(cfg, cfg.num_attention_heads * cfg.head_dim, "q_proj")(x)
@@ -367,18 +367,21 @@ class LlamaAttention(nn.Module):
         v = v.reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
         inv_freq = rope_inverse_frequencies(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        new_cache = None
-        if layer_cache is not None:
-            cached_k, cached_v = layer_cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), start)
-            new_cache = (k, v)
+        if stacked_cache is not None:
+            # Write only the new tokens' slots of this layer, in place in the stacked [L, B, S, ...]
+            # buffer, then read this layer back for attention: no per-step copy of the whole cache.
+            all_k, all_v = stacked_cache
+            start = (layer, 0, cache_index, 0, 0)
+            all_k = jax.lax.dynamic_update_slice(all_k, k[None].astype(all_k.dtype), start)
+            all_v = jax.lax.dynamic_update_slice(all_v, v[None].astype(all_v.dtype), start)
+            stacked_cache = (all_k, all_v)
+            k = jax.lax.dynamic_index_in_dim(all_k, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(all_v, layer, keepdims=False)
         out = jax.nn.dot_product_attention(
             q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0 / math.sqrt(cfg.head_dim)
         )
         out = out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim)
-        return _dense(cfg, cfg.hidden_size, "o_proj")(out), new_cache
+        return _dense(cfg, cfg.hidden_size, "o_proj")(out), stacked_cache
 
 
 class LlamaMLP(nn.Module):
@@ -393,20 +396,25 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """Pre-norm attention and SwiGLU MLP with residuals. ``(carry, per_layer) -> (carry, per_layer)``
-    so the same block runs unrolled or under ``nn.scan``."""
+    """Pre-norm attention and SwiGLU MLP with residuals.
+
+    ``((hidden, stacked_cache), layer) -> ((hidden, stacked_cache), None)`` so the same block runs
+    unrolled or under ``nn.scan``; the stacked KV cache (or None) travels in the carry, and each layer
+    updates its own slots of it in place.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, hidden, layer_cache, positions, mask, cache_index):
+    def __call__(self, carry, layer, positions, mask, cache_index):
+        hidden, stacked_cache = carry
         hidden = constrain(hidden, P(BATCH_AXES))
-        attn_out, new_cache = LlamaAttention(self.config, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(hidden), positions, mask, layer_cache, cache_index
+        attn_out, stacked_cache = LlamaAttention(self.config, name="self_attn")(
+            RMSNorm(self.config, name="input_layernorm")(hidden), positions, mask, stacked_cache, layer, cache_index
         )
         hidden = hidden + attn_out
         mlp_out = LlamaMLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(hidden))
-        return hidden + mlp_out, new_cache
+        return (hidden + mlp_out, stacked_cache), None
 
 
 def _attention_mask(attention_mask: jax.Array, cache: KVCache | None) -> tuple[jax.Array, jax.Array | None]:
@@ -456,7 +464,7 @@ class LlamaModel(nn.Module):
         if REMAT_POLICIES[cfg.remat] is not None:
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
-        layer_caches = None if cache is None else (cache.keys, cache.values)
+        carry = (hidden, None if cache is None else (cache.keys, cache.values))
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
@@ -465,27 +473,16 @@ class LlamaModel(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.num_hidden_layers,
             )
-            hidden, new_layer_caches = stack(cfg, name="layers")(
-                hidden, layer_caches, position_ids, mask, cache_index
-            )
+            layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (hidden, stacked_cache), _ = stack(cfg, name="layers")(carry, layers, position_ids, mask, cache_index)
         else:
-            per_layer = []
             for i in range(cfg.num_hidden_layers):
-                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-                hidden, updated = block(cfg, name=f"layers_{i}")(
-                    hidden, layer_cache, position_ids, mask, cache_index
-                )
-                per_layer.append(updated)
-            new_layer_caches = None
-            if cache is not None:
-                new_layer_caches = (
-                    jnp.stack([kv[0] for kv in per_layer]),
-                    jnp.stack([kv[1] for kv in per_layer]),
-                )
+                carry, _ = block(cfg, name=f"layers_{i}")(carry, i, position_ids, mask, cache_index)
+            hidden, stacked_cache = carry
         hidden = RMSNorm(cfg, name="norm")(constrain(hidden, P(BATCH_AXES)))
         if cache is None:
             return hidden, None
-        keys, values = new_layer_caches
+        keys, values = stacked_cache
         new_cache = KVCache(
             keys=keys, values=values, mask=new_cache_mask, index=cache.index + input_ids.shape[1]
         )
