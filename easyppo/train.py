@@ -118,8 +118,6 @@ def _eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
     cfg.split = config.eval.split if config.eval.hf_dataset else cfg.split
     cfg.shuffle, cfg.num_epochs, cfg.drop_remainder = False, 1, False
     cfg.global_batch_size = config.eval.batch_size or config.data.global_batch_size
-    if cfg.on_bad_row == "skip":
-        cfg.max_bad_fraction = config.data.max_bad_fraction
     return cfg
 
 
