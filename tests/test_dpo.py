@@ -20,8 +20,9 @@ from easyppo.algorithms import dpo
 from easyppo.data import pipeline
 from easyppo.models import llama
 
+from helpers.demo_data import DEMO_DATA, first_rows
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-DEMO_DATA = REPO / "demo" / "data"
 PAD = 3
 
 
@@ -309,18 +310,13 @@ def test_rewriting_the_reference_checkpoint_in_place_changes_its_identity(tmp_pa
 
 # ------------------------------------------------------------------ trainers on real batches
 
-def _head(src: pathlib.Path, dst: pathlib.Path, rows: int) -> str:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:rows]))
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """The first rows of the demo's preference files, and one tokenisation cache for the module."""
     root = tmp_path_factory.mktemp("data")
     return {
-        "train": _head(DEMO_DATA / "preference_train.jsonl", root / "train.jsonl", 256),
-        "eval": _head(DEMO_DATA / "preference_eval.jsonl", root / "eval.jsonl", 32),
+        "train": first_rows(DEMO_DATA / "preference_train.jsonl", root / "train.jsonl", 256),
+        "eval": first_rows(DEMO_DATA / "preference_eval.jsonl", root / "eval.jsonl", 32),
         "cache": str(root / "cache"),
     }
 

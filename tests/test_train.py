@@ -21,13 +21,9 @@ from easyppo.algorithms import base, rm, sft
 from easyppo.data import pipeline
 from easyppo.models import llama
 
+from helpers.demo_data import DEMO_DATA, first_rows
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-DEMO_DATA = REPO / "demo" / "data"
-
-
-def _head(src: pathlib.Path, dst: pathlib.Path, rows: int) -> str:
-    dst.write_text("".join(src.read_text().splitlines(keepends=True)[:rows]))
-    return str(dst)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +31,9 @@ def small_data(tmp_path_factory):
     """The first rows of the demo's files: enough for a few steps, and one cache for the module."""
     root = tmp_path_factory.mktemp("data")
     return {
-        "sft": _head(DEMO_DATA / "sft_train.jsonl", root / "sft.jsonl", 40),
-        "sft_eval": _head(DEMO_DATA / "sft_eval.jsonl", root / "sft_eval.jsonl", 16),
-        "preference": _head(DEMO_DATA / "preference_train.jsonl", root / "pref.jsonl", 40),
+        "sft": first_rows(DEMO_DATA / "sft_train.jsonl", root / "sft.jsonl", 40),
+        "sft_eval": first_rows(DEMO_DATA / "sft_eval.jsonl", root / "sft_eval.jsonl", 16),
+        "preference": first_rows(DEMO_DATA / "preference_train.jsonl", root / "pref.jsonl", 40),
         "cache": str(root / "cache"),
     }
 
