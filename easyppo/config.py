@@ -74,6 +74,8 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.checkpoint = checkpoint.default_config()
     c.logging = metric_logging.default_config()
     c[module.NAME] = module.default_config()
+    if hasattr(module, "PROGRESS_BAR_METRICS"):
+        c.logging.progress_bar_metrics = module.PROGRESS_BAR_METRICS
     return c
 
 
@@ -113,11 +115,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
     if accum < 1:
         raise ConfigError("train.grad_accum_steps", f"must be >= 1, got {accum}")
-    if batch % (accum * batch_ways):
+    if hasattr(module, "validate_config"):
+        module.validate_config(config)  # raises ValueError naming its config.<algorithm> key
+    if batch % batch_ways:
+        raise ConfigError("data.global_batch_size", f"{batch} is not divisible by mesh.data * mesh.fsdp = {batch_ways}")
+    update_rows = module.rows_per_update(config) if hasattr(module, "rows_per_update") else batch
+    if update_rows % (accum * batch_ways):
         raise ConfigError(
             "data.global_batch_size",
-            f"{batch} rows must split into train.grad_accum_steps={accum} microbatches, each divisible by "
-            f"mesh.data * mesh.fsdp = {batch_ways}",
+            f"each optimizer step's {update_rows} rows must split into train.grad_accum_steps={accum} "
+            f"microbatches, each divisible by mesh.data * mesh.fsdp = {batch_ways}",
         )
     if batch % process_count:
         raise ConfigError("data.global_batch_size", f"{batch} is not divisible by the {process_count} processes")
@@ -125,7 +132,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     if eval_batch % batch_ways or eval_batch % process_count:
         raise ConfigError("eval.batch_size", f"{eval_batch} must be divisible by mesh.data * mesh.fsdp = {batch_ways}")
     architecture = loading.resolve_architecture(config.model)
-    if config.data.max_seq_len > architecture.max_position_embeddings:
+    # Prompt rows have no max_seq_len (PPO checks prompt + generated length against the model).
+    if config.data.kind != "prompt" and config.data.max_seq_len > architecture.max_position_embeddings:
         raise ConfigError(
             "data.max_seq_len",
             f"{config.data.max_seq_len} exceeds the model's max_position_embeddings={architecture.max_position_embeddings}",

@@ -121,6 +121,12 @@ def _eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return cfg
 
 
+def samples_due(config: ml_collections.ConfigDict, step: int) -> bool:
+    """Whether to log a table of the algorithm's samples after ``step`` (``<algorithm>.samples_every_steps``)."""
+    every = config[config.algorithm].get("samples_every_steps", 0)
+    return bool(every) and step % every == 0
+
+
 def _check_tokenizer_fits_model(tokenizer, config: ml_collections.ConfigDict) -> None:
     from easyppo.models.loading import resolve_architecture
 
@@ -180,11 +186,12 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
             metrics_log.log(step, {f"eval/{k}": v for k, v in initial_eval.items()})
         while step < total_steps:
             host_batch = next(train_iter)
-            window_tokens += _count_tokens(host_batch) * jax.process_count()
             batch = sharding.host_local_to_global(host_batch, mesh)
             state, metrics = trainer.train_step(state, batch, jax.random.fold_in(base_rng, step))
             step += 1
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            # A trainer that makes tokens of its own (PPO's rollouts) counts them; else the batch's.
+            window_tokens += metrics.pop("num_tokens", None) or _count_tokens(host_batch) * jax.process_count()
             if metrics["skipped"]:
                 streak, nonfinite_steps = streak + 1, nonfinite_steps + 1
                 logger.warning("step %d: non-finite loss or gradient; update skipped", step)
@@ -203,14 +210,16 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
                 metrics_log.log(
                     step,
                     {
+                        "learning_rate": float(schedule(step - 1)),  # unless the trainer reports its own
                         **train_metrics,
-                        "learning_rate": float(schedule(step - 1)),
                         "tokens_per_second": window_tokens / max(elapsed, 1e-9),
                         "epoch": train_iter.state().get("epoch", 0),
                         "nonfinite_steps": nonfinite_steps,
                     },
                 )
                 window_tokens, window_start = 0, time.perf_counter()
+            if samples_due(config, step) and hasattr(trainer, "rollout_samples"):
+                metrics_log.log_samples(step, trainer.rollout_samples(tokenizer))
             eval_due = config.eval.every_steps and step % config.eval.every_steps == 0
             if eval_data is not None and (eval_due or step == total_steps):
                 eval_metrics = evaluate(trainer, state, eval_data, config, mesh)
@@ -225,8 +234,8 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
     export_dir = None
     if status == "completed" and config.train.export_hf_dir:
         export_dir = config.train.export_hf_dir
-        trainer.export(state, export_dir)
-        save_tokenizer_files(config.data.tokenizer_path, tokenizer, export_dir)
+        for directory in trainer.export(state, export_dir):
+            save_tokenizer_files(config.data.tokenizer_path, tokenizer, directory)
     checkpointer.close()
     return RunResult(
         step=step,

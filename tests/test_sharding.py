@@ -6,7 +6,6 @@ single-device forward of the same parameters.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

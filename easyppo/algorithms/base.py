@@ -6,7 +6,7 @@ algorithm's ``make_trainer`` for a :class:`Trainer` and then only ever calls:
 * ``init_state()`` / ``abstract_state()`` - the checkpointed state, born sharded / as a restore target;
 * ``train_step(state, batch, rng) -> (state, metrics)`` - one optimisation step (jitted, donating);
 * ``eval_step(state, batch) -> {name: (sum, count)}`` - held-out metrics that add up across batches;
-* ``export(state, directory)`` - a Hugging Face directory of the trained model.
+* ``export(state, directory)`` - Hugging Face directories of the trained models (returns them).
 
 SFT, the reward model and DPO are all "minimise a loss over one parameter tree", so they share
 :class:`GradientTrainer` and differ only in their loss function; PPO brings its own trainer.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import flax
 import jax
@@ -66,12 +66,45 @@ class Trainer(Protocol):
 
     def finalize_metrics(self, means: dict[str, float]) -> dict[str, float]: ...
 
-    def export(self, state: PyTree, directory: str) -> None: ...
+    def export(self, state: PyTree, directory: str) -> list[str]: ...
 
 
 def finite_update(finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     """``new`` where ``finite`` else ``old``: a non-finite step leaves the state exactly as it was."""
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+class GradientUpdate(NamedTuple):
+    """One optimizer step's outcome (see :func:`gradient_update`)."""
+
+    params: PyTree
+    opt_state: PyTree
+    metrics: dict[str, jax.Array]  # the loss_fn's metrics, divided once (easyppo.grad_accum)
+    grad_norm: jax.Array
+    finite: jax.Array  # False: the loss or gradient was NaN/Inf and the step was discarded
+
+
+def gradient_update(
+    loss_fn, optimizer: optax.GradientTransformation, params: PyTree, opt_state: PyTree,
+    batch: Mapping[str, jax.Array], rng: jax.Array, num_microbatches: int,
+) -> GradientUpdate:
+    """One optimizer step on ``loss_fn(params, batch, rng)`` with gradient accumulation.
+
+    A non-finite loss or gradient leaves ``params`` and ``opt_state`` exactly as they were (on
+    device, without a host round trip); the caller counts ``~finite``.
+    """
+    grads, metrics = grad_accum.accumulate_gradients(loss_fn, params, batch, rng, num_microbatches)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    return GradientUpdate(
+        params=finite_update(finite, new_params, params),
+        opt_state=finite_update(finite, new_opt_state, opt_state),
+        metrics=metrics,
+        grad_norm=grad_norm,
+        finite=finite,
+    )
 
 
 @dataclasses.dataclass
@@ -140,17 +173,9 @@ class GradientTrainer:
 
     def _train_step_impl(self, state: TrainState, batch, rng, frozen):
         loss_fn = functools.partial(_bind_frozen, self.loss_fn, frozen)
-        grads, metrics = grad_accum.accumulate_gradients(loss_fn, state.params, batch, rng, self.num_microbatches)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=finite_update(finite, new_params, state.params),
-            opt_state=finite_update(finite, new_opt_state, state.opt_state),
-        )
-        metrics = dict(metrics, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+        update = gradient_update(loss_fn, self.optimizer, state.params, state.opt_state, batch, rng, self.num_microbatches)
+        new_state = TrainState(step=state.step + 1, params=update.params, opt_state=update.opt_state)
+        metrics = dict(update.metrics, grad_norm=update.grad_norm, skipped=(~update.finite).astype(jnp.float32))
         return new_state, metrics
 
     def train_step(self, state: TrainState, batch, rng) -> tuple[TrainState, dict]:
@@ -168,8 +193,9 @@ class GradientTrainer:
     def finalize_metrics(self, means: dict[str, float]) -> dict[str, float]:
         return self.metric_finalizer(means) if self.metric_finalizer else means
 
-    def export(self, state: TrainState, directory: str) -> None:
+    def export(self, state: TrainState, directory: str) -> list[str]:
         convert.save_hf(directory, self.model_config, state.params, kind=self.kind, pad_token_id=self.pad_token_id)
+        return [directory]
 
 
 def _bind_frozen(loss_fn: LossFn, frozen: PyTree, params, batch, rng):
