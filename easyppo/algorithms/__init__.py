@@ -5,15 +5,19 @@ trains), ``default_config()`` (its own options, under ``config.<name>``) and
 ``make_trainer(config, mesh, total_steps, *, train_data, eval_data) -> easyppo.algorithms.base.Trainer``
 (``train_data`` / ``eval_data``: ``easyppo.data.pipeline.PreparedData``, the latter possibly None, for
 algorithms that precompute something over the dataset, such as DPO's reference log-probs).
+
+Optional hooks: ``validate_config(config)`` (the algorithm's own checks, run by ``config.validate``
+before anything loads), ``rows_per_update(config)`` (rows one optimizer step sees, when that is not
+the data batch: PPO updates on minibatches of its rollout), and ``PROGRESS_BAR_METRICS``.
 """
 
 from __future__ import annotations
 
 import types
 
-from easyppo.algorithms import dpo, rm, sft
+from easyppo.algorithms import dpo, ppo, rm, sft
 
-ALGORITHMS: dict[str, types.ModuleType] = {module.NAME: module for module in (sft, rm, dpo)}
+ALGORITHMS: dict[str, types.ModuleType] = {module.NAME: module for module in (sft, rm, dpo, ppo)}
 
 
 def get_algorithm(name: str) -> types.ModuleType:

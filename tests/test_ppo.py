@@ -1,0 +1,258 @@
+"""Specification of PPO's pieces: losses and rewards against NumPy formulas, config checks, one
+iteration's invariants (old log-probs are the sampler's, clipping acts only once the policy moved,
+value warm-up freezes the policy) and a sharded iteration equal to a single-device one."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from easyppo import checkpoint, sharding
+from easyppo import config as run_config
+from easyppo import train as train_lib
+from easyppo.algorithms import ppo
+from easyppo.data import pipeline
+from easyppo.models import llama
+
+from helpers.ppo_runs import TINY, tiny_ppo_config, train_rows
+
+RNG = np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def test_clipped_policy_loss_is_the_pessimistic_surrogate():
+    logp, old, adv = (RNG.normal(size=(4, 6)).astype(np.float32) * s for s in (0.3, 0.3, 1.0))
+    loss, clipped, ratio = ppo.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), 0.2)
+    r = np.exp(logp - old)
+    expected = np.maximum(-adv * r, -adv * np.clip(r, 0.8, 1.2))
+    np.testing.assert_allclose(ratio, r, rtol=1e-6)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    # Clipping is active exactly where the ratio left [0.8, 1.2] in the direction the advantage favours.
+    np.testing.assert_array_equal(clipped, ((adv > 0) & (r > 1.2)) | ((adv < 0) & (r < 0.8)))
+
+
+def test_clipped_policy_loss_at_ratio_one_is_minus_the_advantage_and_never_clips():
+    adv = RNG.normal(size=(3, 5)).astype(np.float32)
+    logp = RNG.normal(size=(3, 5)).astype(np.float32)
+    loss, clipped, _ = ppo.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(logp), jnp.asarray(adv), 0.2)
+    np.testing.assert_allclose(loss, -adv, rtol=1e-6)
+    assert not np.any(clipped)
+
+
+def test_clipped_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
+    values, old, returns = (RNG.normal(size=(4, 6)).astype(np.float32) for _ in range(3))
+    loss, clipped = ppo.clipped_value_loss(jnp.asarray(values), jnp.asarray(old), jnp.asarray(returns), 0.2)
+    v_clip = old + np.clip(values - old, -0.2, 0.2)
+    expected = 0.5 * np.maximum((values - returns) ** 2, (v_clip - returns) ** 2)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(clipped, (v_clip - returns) ** 2 > (values - returns) ** 2)
+
+
+def test_kl_shaped_rewards_put_the_score_on_each_rows_last_response_token():
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
+    kl = RNG.normal(size=mask.shape).astype(np.float32)
+    score = np.array([2.0, -1.0, 5.0], np.float32)
+    rewards, non_score = ppo.kl_shaped_rewards(jnp.asarray(score), jnp.asarray(kl), jnp.asarray(mask), 0.1)
+    expected_non_score = -0.1 * kl * mask
+    expected = expected_non_score.copy()
+    expected[0, 2] += 2.0
+    expected[1, 0] += -1.0  # the padding row (no response tokens) gets no score at all
+    np.testing.assert_allclose(non_score, expected_non_score, rtol=1e-6)
+    np.testing.assert_allclose(rewards, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "penalty, mode, expected",
+    [(None, "replace", [3.0, 3.0]), (-10.0, "replace", [3.0, -10.0]), (-10.0, "add", [3.0, -7.0])],
+)
+def test_missing_eos_penalty_applies_only_to_unfinished_responses(penalty, mode, expected):
+    score = jnp.array([3.0, 3.0])
+    finished = jnp.array([True, False])
+    np.testing.assert_allclose(ppo.apply_missing_eos_penalty(score, finished, penalty, mode), expected)
+
+
+def test_adaptive_kl_coefficient_moves_towards_the_target_by_at_most_twenty_percent_of_a_horizon():
+    step = dict(target=6.0, horizon=100, batch_rows=10)
+    up = ppo.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(6.6), **step)  # 10% above target
+    np.testing.assert_allclose(up, 0.1 * (1 + 0.1 * 10 / 100), rtol=1e-6)
+    far_up = ppo.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(60.0), **step)  # error clipped to 0.2
+    np.testing.assert_allclose(far_up, 0.1 * (1 + 0.2 * 10 / 100), rtol=1e-6)
+    down = ppo.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(0.0), **step)
+    np.testing.assert_allclose(down, 0.1 * (1 - 0.2 * 10 / 100), rtol=1e-6)
+
+
+def test_explained_variance_is_one_for_perfect_values_and_zero_for_the_mean():
+    returns = RNG.normal(size=(3, 5)).astype(np.float32)
+    mask = np.ones_like(returns)
+    mask[2, 3:] = 0
+    assert float(ppo.explained_variance(jnp.asarray(returns), jnp.asarray(returns), jnp.asarray(mask))) == pytest.approx(1.0)
+    mean = returns[mask > 0].mean()
+    as_mean = np.full_like(returns, mean)
+    assert float(ppo.explained_variance(jnp.asarray(as_mean), jnp.asarray(returns), jnp.asarray(mask))) == pytest.approx(0.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------- config checks
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("kl_estimator", "k7", "config.ppo.kl_estimator"),
+        ("num_minibatches", 3, "config.ppo.num_minibatches"),
+        ("missing_eos_mode", "drop", "config.ppo.missing_eos_mode"),
+        ("clip_ratio", -0.1, "config.ppo.clip_ratio"),
+        ("gamma", 1.5, "config.ppo.gamma"),
+        ("ppo_epochs", 0, "config.ppo.ppo_epochs"),
+    ],
+)
+def test_bad_ppo_options_fail_before_anything_loads_naming_the_key(tmp_path, key, value, message):
+    config = tiny_ppo_config(tmp_path)
+    config.ppo[key] = value
+    with pytest.raises(ValueError, match=message):
+        run_config.validate(config, num_devices=8)
+
+
+def test_prompt_plus_new_tokens_beyond_the_model_positions_fail_naming_max_new_tokens(tmp_path):
+    config = tiny_ppo_config(tmp_path)
+    config.ppo.sampling.max_new_tokens = 64 - 24 + 1
+    with pytest.raises(ValueError, match="config.ppo.sampling.max_new_tokens"):
+        run_config.validate(config, num_devices=8)
+
+
+def test_a_reward_model_with_a_smaller_vocabulary_than_the_policy_is_rejected(tmp_path):
+    config = tiny_ppo_config(tmp_path)
+    config.ppo.reward_model.vocab_size = 256
+    with pytest.raises(ValueError, match="config.ppo.reward_model"):
+        run_config.validate(config, num_devices=8)
+
+
+def test_minibatches_must_split_into_accumulation_steps_the_mesh_can_share(tmp_path):
+    config = tiny_ppo_config(tmp_path)  # 8 prompts x 2 samples = 16 rollout rows
+    config.ppo.num_minibatches = 2
+    config.train.grad_accum_steps = 2  # 8-row minibatches -> 4-row microbatches on 8 devices
+    with pytest.raises(run_config.ConfigError, match="grad_accum_steps=2"):
+        run_config.validate(config, num_devices=8)
+
+
+# ------------------------------------------------------------------------- one iteration's facts
+
+
+@pytest.fixture(scope="module")
+def clipping_run(tmp_path_factory):
+    """One iteration of 4 epochs x 2 minibatches at a large learning rate."""
+    out = tmp_path_factory.mktemp("clipping")
+    config = tiny_ppo_config(out)
+    config.train.num_steps = 1
+    config.ppo.ppo_epochs = 4
+    config.ppo.num_minibatches = 2
+    config.optim.learning_rate = 1e-2
+    config.optim.clip_grad_norm = 0.0
+    train_lib.train(config)
+    return train_rows(out)
+
+
+def test_sampler_logprobs_equal_the_trainers_old_logprobs(clipping_run):
+    (row,) = clipping_run
+    assert row["logprob_gap_max"] < 1e-4
+
+
+def test_clipping_acts_after_the_policy_has_moved(clipping_run):
+    (row,) = clipping_run
+    assert row["policy_clip_fraction"] > 0.01
+    assert row["approx_kl"] > 0
+    assert row["skipped"] == 0
+
+
+@pytest.fixture(scope="module")
+def warmup_run(tmp_path_factory):
+    """Two iterations of one epoch, one minibatch; the first trains only the value model."""
+    out = tmp_path_factory.mktemp("warmup")
+    config = tiny_ppo_config(out)
+    config.train.num_steps = 2
+    config.ppo.value_warmup_steps = 1
+    config.checkpoint.save_every_steps = 1
+    config.checkpoint.max_to_keep = 3
+    train_lib.train(config)
+    return out, config
+
+
+def _restore(out, step: int):
+    model_config = llama.get_preset("tiny", **TINY)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = lambda kind: jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+        jax.eval_shape(lambda: llama.init_params(model_config, kind, jax.random.key(0))),
+    )
+    tree = {"params": target("causal_lm"), "value_params": target("value")}
+    return checkpoint.restore_subtree(out / "checkpoints", tree, step=step)
+
+
+def _initial_policy(config):
+    mesh = sharding.make_mesh(config.mesh)
+    from easyppo.models.loading import load_model
+
+    _, _, params = load_model(config.model, "causal_lm", mesh=mesh, rng=jax.random.key(config.seed))
+    return jax.device_get(params)
+
+
+def test_value_warmup_steps_leave_the_policy_untouched_and_train_the_value_model(warmup_run):
+    out, config = warmup_run
+    after_warmup = _restore(out, 1)
+    initial = _initial_policy(config)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(after_warmup["params"]), initial)
+    after_second = _restore(out, 2)
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), after_second["params"], after_warmup["params"]))
+    assert any(changed)
+    value_changed = jax.tree.leaves(
+        jax.tree.map(lambda a, b: bool(np.any(a != b)), after_second["value_params"], after_warmup["value_params"])
+    )
+    assert any(value_changed)
+    first, second = train_rows(out)
+    assert "policy_loss" not in first and first["learning_rate"] == 0.0
+    assert "policy_loss" in second
+
+
+def test_one_epoch_of_one_minibatch_updates_at_the_rollout_parameters_so_nothing_clips(warmup_run):
+    out, _ = warmup_run
+    _, second = train_rows(out)
+    assert second["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert second["policy_clip_fraction"] == 0.0
+
+
+# ------------------------------------------------------------------------------------- sharding
+
+
+def _one_iteration(config, mesh):
+    trainer = ppo.make_trainer(config, mesh, total_steps=1, train_data=None, eval_data=None)
+    tokenizer, chat_format = pipeline.load_tokenizer_and_format(config.data)
+    data = pipeline.prepare_data(config.data, tokenizer=tokenizer, chat_format=chat_format)
+    host_batch = next(iter(pipeline.make_iterator(data, config.data)))
+    state = trainer.init_state()
+    batch = sharding.host_local_to_global(host_batch, mesh)
+    with jax.set_mesh(mesh):
+        rollout = trainer.rollout(state.params, batch, jax.random.key(7), sampling=trainer.sampling)
+        experience, per_row, metrics = trainer.score(state, trainer.frozen, rollout)
+    return jax.device_get((rollout.response_ids, experience, per_row, metrics))
+
+
+def test_a_sharded_rollout_and_scoring_equal_the_single_device_ones(tmp_path):
+    config = tiny_ppo_config(tmp_path)
+    config.mesh.fsdp = 1
+    config.mesh.data = 1
+    single = _one_iteration(config, sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+    config.mesh.data = 4
+    config.mesh.tensor = 2
+    sharded = _one_iteration(config, sharding.make_mesh(config.mesh))
+    np.testing.assert_array_equal(single[0], sharded[0])  # the same tokens were sampled
+    for name in ("old_logprobs", "old_values", "advantages", "returns"):
+        np.testing.assert_allclose(single[1][name], sharded[1][name], atol=2e-4, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(single[2]["raw_score"], sharded[2]["raw_score"], atol=1e-4)
+
+
+def test_settings_are_hashable_so_jitted_steps_can_close_over_them(tmp_path):
+    settings = ppo.validate_config(tiny_ppo_config(tmp_path))
+    assert hash(settings) == hash(dataclasses.replace(settings))
