@@ -1,6 +1,7 @@
 """The demo behind `make demo`: every stage of preference tuning on the bundled task, on a CPU.
 
-    SFT (a starting policy) -> reward model (Bradley-Terry) -> DPO (from the SFT policy) -> ...
+    SFT (a starting policy) -> reward model (Bradley-Terry) -> DPO (from the SFT policy)
+                                                           -> PPO (SFT policy, reward and value from the RM)
     each exported to Hugging Face format
 
 Each stage is an ordinary run of the one train loop with a ``demo`` preset from configs/, exactly
@@ -18,13 +19,15 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-STAGES = ("sft", "rm", "dpo")
+STAGES = ("sft", "rm", "dpo", "ppo")
 # The held-out metrics each stage's summary prints before -> after: (metric, what it means).
 HEADLINE = {
     "sft": [("loss", "held-out NLL per assistant token")],
     "rm": [("accuracy", "held-out preference accuracy")],
     "dpo": [("accuracy", "held-out preference accuracy (implicit reward)"),
             ("reward_margin", "held-out implicit-reward margin")],
+    "ppo": [("score", "held-out reward-model score of the policy's responses"),
+            ("kl_per_sequence", "held-out KL to the SFT policy (nats per response)")],
 }
 
 
@@ -60,7 +63,7 @@ def main() -> int:
         for key, meaning in HEADLINE[stage]:
             before = result.initial_eval_metrics.get(key, float("nan"))
             after = result.eval_metrics.get(key, float("nan"))
-            print(f"      {meaning}: {before:.3f} -> {after:.3f}")
+            print(f"      {meaning}: {round(before, 3) + 0.0:.3f} -> {round(after, 3) + 0.0:.3f}")  # no "-0.000"
         print(f"      checkpoints: {result.checkpoint_dir}")
         print(f"      Hugging Face export: {result.export_dir}")
     return 0
