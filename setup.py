@@ -38,6 +38,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "easyppo-train=easyppo.train:main",
+            "easyppo-generate=easyppo.generate:main",
             "easyppo-convert=easyppo.convert:main",
         ],
     },
