@@ -80,7 +80,7 @@ import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 
-from easyppo import checkpoint, convert, generation, sequences, sharding
+from easyppo import checkpoint, convert, distributed, generation, sequences, sharding
 from easyppo.data import pipeline
 from easyppo.data.chat import FORMAT_NAMES, ChatFormat
 from easyppo.data.errors import BadRowsError, DataConfigError, RowError
@@ -626,11 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: returns 0 on success, 2 (after printing ``error: ...``) on bad options or prompt rows."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        distributed.initialize()  # EASYPPO_DISTRIBUTED (auto | always | never); before any other JAX call
         summary = generate_file(GenerateOptions(**vars(args)))
-    except (OptionError, BadRowsError, RowError) as e:
+    except (OptionError, BadRowsError, RowError, distributed.DistributedConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     line = (

@@ -37,6 +37,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from easyppo import config as run_config
+from easyppo import distributed
 from easyppo import logging as metric_logging
 from easyppo import optim, sharding
 from easyppo.algorithms import get_algorithm
@@ -225,8 +226,10 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
                 eval_metrics = evaluate(trainer, state, eval_data, config, mesh)
                 metrics_log.log(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
             save(force=False)
-            if preemption.requested or step == config.train.stop_at_step:
-                status = "preempted" if preemption.requested else "stopped"
+            # Every host must stop at the same step, even if SIGTERM reached only some of them.
+            preempted = distributed.any_process(preemption.requested)
+            if preempted or step == config.train.stop_at_step:
+                status = "preempted" if preempted else "stopped"
                 break
         save(force=True)
         checkpointer.wait_until_finished()
@@ -285,10 +288,12 @@ def _parse_config_flags(argv: list[str]) -> ml_collections.ConfigDict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: importing orbax installs a root handler, which would make basicConfig a no-op.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
+        distributed.initialize()  # EASYPPO_DISTRIBUTED (auto | always | never); before any other JAX call
         config = config_from_argv(sys.argv if argv is None else argv)
-    except run_config.ConfigError as e:
+    except (run_config.ConfigError, distributed.DistributedConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = train(config)
