@@ -215,3 +215,38 @@ def test_compiled_memory_peak_is_arguments_plus_outputs_minus_aliases_plus_tempo
     size = 64 * 32 * 4
     assert (memory["argument_bytes"], memory["output_bytes"], memory["alias_bytes"]) == (size, size, size)
     assert memory["peak_bytes"] == size + memory["temp_bytes"]
+
+
+# ----------------------------------------------------------------------------------- PPO iteration
+
+from benchmarks import ppo_iteration  # noqa: E402
+
+PPO_TINY = dict(hidden_size=32, num_layers=1, heads=4, kv_heads=2, intermediate_size=64, vocab_size=128,
+                prompts=2, prompt_len=4, new_tokens=3, samples_per_prompt=2, num_minibatches=2)
+
+
+@pytest.mark.slow  # compiling the update program (two models' gradient steps in a scan) takes ~15 s
+def test_ppo_iteration_cli_reports_three_timed_phases_that_add_up_to_the_iteration(capsys):
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in PPO_TINY.items()]
+    ppo_iteration.main([*flags, "--repeats=2", "--peak-size=64", "--peak-repeats=1"])
+    report = json.loads(capsys.readouterr().out)
+
+    phases = report["phases"]
+    assert list(phases) == ["rollout", "scoring", "update"]
+    for name, phase in phases.items():
+        for field in ("median_s", "min_s", "max_s"):
+            assert phase["time"][field] > 0, (name, field)
+        for field in ("compile_s", "first_call_s", "tokens_per_s", "flops_per_s"):
+            assert phase[field] > 0, (name, field)
+        assert set(phase["mfu"]) == {"float32", "bfloat16"}
+    # Each iteration is timed around its three phases, so the phases fill it but for host gaps.
+    iteration = report["iteration"]["time"]["median_s"]
+    phase_sum = sum(phase["time"]["median_s"] for phase in phases.values())
+    assert phase_sum == pytest.approx(iteration, rel=0.1)
+    for phase in phases.values():
+        assert phase["share"] == pytest.approx(phase["time"]["median_s"] / phase_sum)
+    # Stop tokens are off: every one of prompts x samples rows generated every token.
+    rows = PPO_TINY["prompts"] * PPO_TINY["samples_per_prompt"]
+    assert phases["rollout"]["tokens"] == rows * PPO_TINY["new_tokens"]
+    assert report["rollout_metrics"]["response_length"] == PPO_TINY["new_tokens"]
+    assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
