@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from easyppo import distributed
 from easyppo.models import loading
 
 logger = logging.getLogger(__name__)
@@ -214,9 +215,13 @@ def load_or_compute(
     *,
     shape: tuple[int, ...],
 ) -> tuple[np.ndarray, bool]:
-    """``(values, cache_hit)``: the cached entry if it is valid, else ``compute()`` stored for next time."""
+    """``(values, cache_hit)``: the cached entry if it is valid, else ``compute()`` stored for next time.
+
+    In a multi-host job every host computes as soon as one misses its cache (each host may have its
+    own local cache directory): ``compute`` runs collective programs, which need every host.
+    """
     cached = load(cache_dir, components, shape=shape)
-    if cached is not None:
+    if not distributed.any_process(cached is None):
         logger.info("loaded cached values from %s", entry_path(cache_dir, components))
         return cached, True
     values = np.asarray(compute())

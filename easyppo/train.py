@@ -156,9 +156,12 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
     total_steps = config.train.num_steps or config.data.num_epochs * train_iter.batches_per_epoch
     logger.info("data: %s; %d steps", train_data.stats, total_steps)
 
-    trainer = algorithm.make_trainer(config, mesh, total_steps, train_data=train_data, eval_data=eval_data)
     checkpointer = Checkpointer(config.checkpoint, run_config=config)
-    if checkpointer.latest_step() is not None:
+    resuming = checkpointer.latest_step() is not None
+    trainer = algorithm.make_trainer(
+        config, mesh, total_steps, train_data=train_data, eval_data=eval_data, resuming=resuming
+    )
+    if resuming:
         restored = checkpointer.restore(trainer.abstract_state())
         state = restored.state
         train_iter.restore(restored.data_state)

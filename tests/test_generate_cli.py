@@ -263,10 +263,16 @@ def test_run_failing_midway_leaves_existing_output_untouched_and_no_temporary_fi
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
+def error_line(capsys) -> str:
+    """The CLI's one ``error: ...`` line on stderr (log lines may surround it)."""
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    return line
+
+
 def test_missing_checkpoint_exits_with_status_2_and_names_the_flag(setup, tmp_path, capsys):
     missing = tmp_path / "no_such_model"
     assert cli.main(flags(setup, tmp_path / "out.jsonl", f"--checkpoint={missing}")) == 2
-    assert capsys.readouterr().err.strip() == f"error: --checkpoint: {missing} does not exist"
+    assert error_line(capsys) == f"error: --checkpoint: {missing} does not exist"
     assert not (tmp_path / "out.jsonl").exists()
 
 
@@ -275,7 +281,7 @@ def test_checkpoint_without_tokenizer_files_needs_the_tokenizer_flag(setup, tmp_
     bare.mkdir()
     shutil.copy(pathlib.Path(setup["policy"]) / "config.json", bare / "config.json")
     assert cli.main(flags(setup, tmp_path / "out.jsonl", f"--checkpoint={bare}")) == 2
-    error = capsys.readouterr().err
+    error = error_line(capsys)
     assert error.startswith("error: --tokenizer: not given") and "pass --tokenizer=PATH" in error
 
 

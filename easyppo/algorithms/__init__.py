@@ -2,9 +2,10 @@
 
 Each is a module with ``NAME``, ``DATA_KIND`` (the batches it consumes), ``MODEL_KIND`` (what it
 trains), ``default_config()`` (its own options, under ``config.<name>``) and
-``make_trainer(config, mesh, total_steps, *, train_data, eval_data) -> easyppo.algorithms.base.Trainer``
+``make_trainer(config, mesh, total_steps, *, train_data, eval_data, resuming=False) -> easyppo.algorithms.base.Trainer``
 (``train_data`` / ``eval_data``: ``easyppo.data.pipeline.PreparedData``, the latter possibly None, for
-algorithms that precompute something over the dataset, such as DPO's reference log-probs).
+algorithms that precompute something over the dataset, such as DPO's reference log-probs; ``resuming``: a checkpoint will replace the trained models' weights, so they
+need not be read).
 
 Optional hooks: ``validate_config(config)`` (the algorithm's own checks, run by ``config.validate``
 before anything loads), ``rows_per_update(config)`` (rows one optimizer step sees, when that is not

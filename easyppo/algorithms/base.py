@@ -3,7 +3,8 @@
 The loop (``easyppo.train``) knows nothing about SFT, reward models, DPO or PPO. It asks the
 algorithm's ``make_trainer`` for a :class:`Trainer` and then only ever calls:
 
-* ``init_state()`` / ``abstract_state()`` - the checkpointed state, born sharded / as a restore target;
+* ``init_state()`` / ``abstract_state()`` - the checkpointed state, born sharded / as a restore target
+  (a trainer made with ``resuming=True`` has not read its initial weights and offers only the latter);
 * ``train_step(state, batch, rng) -> (state, metrics)`` - one optimisation step (jitted, donating);
 * ``eval_step(state, batch) -> {name: (sum, count)}`` - held-out metrics that add up across batches;
 * ``export(state, directory)`` - Hugging Face directories of the trained models (returns them).
@@ -164,10 +165,11 @@ class GradientTrainer:
         return TrainState(step=step, params=self.initial_params, opt_state=opt_state)
 
     def abstract_state(self) -> TrainState:
-        shapes = jax.eval_shape(self.init_state)
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        params = abstract_tree(self.initial_params)
+        state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(self.optimizer.init, params)
         )
+        return with_shardings(state, self.state_shardings)
 
     # -------------------------------------------------------------------------------- steps
 
@@ -198,6 +200,16 @@ class GradientTrainer:
         return [directory]
 
 
+def abstract_tree(tree: PyTree) -> PyTree:
+    """``ShapeDtypeStruct``s (with shardings) of arrays or of ``ShapeDtypeStruct``s alike."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+    """The restore target of a state: each leaf's shape and dtype with the sharding it must have."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def _bind_frozen(loss_fn: LossFn, frozen: PyTree, params, batch, rng):
     return loss_fn(params, frozen, batch, rng)
 
@@ -223,10 +235,15 @@ def make_gradient_trainer(
     frozen: PyTree = None,
     eval_frozen: PyTree = None,
     metric_finalizer: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    resuming: bool = False,
 ) -> GradientTrainer:
-    """The usual recipe: load the model named by ``config.model``, build the optimizer, jit the step."""
+    """The usual recipe: load the model named by ``config.model``, build the optimizer, jit the step.
+
+    ``resuming``: the run continues from a checkpoint, so the initial weights are not read (the
+    trainer only needs their shapes and shardings, for ``abstract_state``).
+    """
     rng = jax.random.key(config.seed)
-    model_config, module, params = load_model(config.model, kind, mesh=mesh, rng=rng)
+    model_config, module, params = load_model(config.model, kind, mesh=mesh, rng=rng, abstract=resuming)
     optimizer = optim.make_optimizer(config.optim, total_steps)
     return GradientTrainer(
         name=name,

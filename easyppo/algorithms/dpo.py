@@ -401,7 +401,8 @@ def validate_config(config: ml_collections.ConfigDict) -> LossSettings:
 
 
 def make_trainer(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data,
+    resuming: bool = False,
 ) -> base.GradientTrainer:
     """The gradient trainer with the reference wired in as ``dpo.reference`` asks (see module doc)."""
     settings = validate_config(config)
@@ -422,5 +423,5 @@ def make_trainer(
     return base.make_gradient_trainer(
         config, mesh, total_steps, name=NAME, data_kind=DATA_KIND, kind=MODEL_KIND,
         make_loss_fn=functools.partial(make_loss_fn, reference_model=reference_model),
-        frozen=frozen, eval_frozen=eval_frozen,
+        frozen=frozen, eval_frozen=eval_frozen, resuming=resuming,
     )

@@ -408,10 +408,14 @@ class PPOTrainer:
         )
 
     def abstract_state(self) -> PPOState:
-        shapes = jax.eval_shape(self.init_state)
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        params, value_params = base.abstract_tree(self.initial_params), base.abstract_tree(self.initial_value_params)
+        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
+        state = PPOState(
+            step=scalar(jnp.int32), params=params, opt_state=jax.eval_shape(self.policy_optimizer.init, params),
+            value_params=value_params, value_opt_state=jax.eval_shape(self.value_optimizer.init, value_params),
+            kl_coef=scalar(jnp.float32),
         )
+        return base.with_shardings(state, self.state_shardings)
 
     # ---------------------------------------------------------------------------------- rollout
 
@@ -691,20 +695,27 @@ def value_export_dir(policy_dir: str) -> str:
 
 
 def make_trainer(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data,
+    resuming: bool = False,
 ) -> PPOTrainer:
-    """Loads the four models named by the config and builds the PPO trainer."""
+    """Loads the four models named by the config and builds the PPO trainer.
+
+    ``resuming``: the policy and value weights will come from the checkpoint, so only their shapes are
+    built; the frozen reference and reward model are always read.
+    """
     del train_data, eval_data  # prompts arrive batch by batch; nothing is precomputed
     settings = validate_config(config)
     tokenizer, chat_format = pipeline.load_tokenizer_and_format(config.data)
     rng = jax.random.key(config.seed)
-    policy_config, _, params = loading.load_model(config.model, MODEL_KIND, mesh=mesh, rng=rng)
+    policy_config, _, params = loading.load_model(config.model, MODEL_KIND, mesh=mesh, rng=rng, abstract=resuming)
     _, _, reference = loading.load_model(reference_model_config(config), MODEL_KIND, mesh=mesh, rng=rng)
     # The reward model and (by default) the value model start from the same weights: the value head
     # begins as the reward head, Tulu 2.5's and InstructGPT's choice.
     reward_rng = jax.random.fold_in(rng, 1)
     reward_config, _, reward = loading.load_model(frozen_model_config(config.ppo.reward_model), "reward", mesh=mesh, rng=reward_rng)
-    value_config, _, value = loading.load_model(value_model_config(config), "value", mesh=mesh, rng=reward_rng)
+    value_config, _, value = loading.load_model(
+        value_model_config(config), "value", mesh=mesh, rng=reward_rng, abstract=resuming
+    )
 
     pad_id = config.data.pad_id if config.data.pad_id is not None else policy_config.pad_token_id
     pad_id = pad_id if pad_id is not None else tokenizer.pad_id

@@ -62,8 +62,9 @@ def make_loss_fn(module, model_config: llama.LlamaConfig, config: ml_collections
     return loss_fn
 
 
-def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data):
+def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data,
+                 resuming: bool = False):
     del train_data, eval_data  # the loop feeds the batches; nothing is precomputed
     return base.make_gradient_trainer(
-        config, mesh, total_steps, name=NAME, data_kind=DATA_KIND, kind=MODEL_KIND, make_loss_fn=make_loss_fn
+        config, mesh, total_steps, name=NAME, data_kind=DATA_KIND, kind=MODEL_KIND, resuming=resuming, make_loss_fn=make_loss_fn
     )

@@ -15,6 +15,7 @@ a fresh score head initialised. Reward and value models load each other's checkp
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -89,12 +90,20 @@ def load_model(
     mesh: jax.sharding.Mesh,
     rng: jax.Array,
     rules: sharding.PartitionRules = sharding.LLAMA_RULES,
+    abstract: bool = False,
 ) -> tuple[llama.LlamaConfig, Any, dict]:
-    """Builds the ``kind`` model ("causal_lm" | "reward" | "value") with sharded float params."""
+    """Builds the ``kind`` model ("causal_lm" | "reward" | "value") with sharded float params.
+
+    With ``abstract=True`` no weights are read or initialised: the params are ``ShapeDtypeStruct``s
+    carrying their shardings, exactly what the loaded params would be. A resumed run builds its
+    trained models this way, since the checkpoint replaces their weights anyway.
+    """
     config = resolve_architecture(cfg)
     sharding.check_model_fits_mesh(config, mesh)
     module = llama.make_model(config, kind)
-    fresh = lambda key: llama.make_model(config, kind).init(key, jax.numpy.zeros((1, 8), "int32"))["params"]
+    if abstract:
+        return config, module, abstract_params(config, kind, mesh, rules)
+    fresh = _initializer(config, "reward" if kind == "value" else kind)  # identical trees and values
     if not cfg.init_from:
         return config, module, sharding.sharded_init(fresh, rng, mesh=mesh, rules=rules)
 
@@ -105,6 +114,29 @@ def load_model(
         head = sharding.sharded_init(lambda key: {"score": fresh(key)["score"]}, rng, mesh=mesh, rules=rules)
         return config, module, {"model": loaded["model"], **head}
     raise ValueError(f"model.init_from={cfg.init_from!r} holds a {loaded_kind} model, which cannot start a {kind} model")
+
+
+@functools.cache
+def _initializer(config: llama.LlamaConfig, kind: str):
+    """``key -> params`` of a fresh ``kind`` model, one function object per architecture and kind.
+
+    ``jax.jit`` reuses a compilation for the same function object, so the models of one run that
+    share a parameter tree (a policy and its reference; a reward model and the value model, whose
+    trees and initial values are identical, so both use the "reward" initialiser) compile it once.
+    """
+    module = llama.make_model(config, kind)
+    return lambda key: module.init(key, jax.numpy.zeros((1, 8), "int32"))["params"]
+
+
+def abstract_params(
+    config: llama.LlamaConfig, kind: str, mesh: jax.sharding.Mesh, rules: sharding.PartitionRules = sharding.LLAMA_RULES
+) -> dict:
+    """Shapes, dtypes and shardings of ``kind``'s parameters for ``config``, allocating nothing."""
+    shapes = jax.eval_shape(
+        lambda: llama.make_model(config, kind).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"]
+    )
+    shardings = sharding.named_shardings(shapes, mesh, rules)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
 def _load_weights(cfg, config, kind, mesh, rules) -> tuple[str, dict]:
@@ -122,11 +154,7 @@ def _load_weights(cfg, config, kind, mesh, rules) -> tuple[str, dict]:
         )
         return loaded_kind, params
     loaded_kind = _run_model_kind(checkpoint.read_run_config(path))
-    abstract = jax.eval_shape(
-        lambda: llama.make_model(config, loaded_kind).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"]
-    )
-    shardings = sharding.named_shardings(abstract, mesh, rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = abstract_params(config, loaded_kind, mesh, rules)
     return loaded_kind, checkpoint.restore_subtree(path, {"params": target})["params"]
 
 
