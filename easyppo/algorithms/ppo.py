@@ -717,6 +717,14 @@ def make_trainer(
         value_model_config(config), "value", mesh=mesh, rng=reward_rng, abstract=resuming
     )
 
+    logger.info(
+        "PPO models: policy %s, reference %s, reward %s, value %s%s",
+        config.model.init_from or f"random {config.model.preset}",
+        reference_model_config(config).init_from or "the policy's random init",
+        config.ppo.reward_model.init_from or f"random {config.ppo.reward_model.preset}",
+        value_model_config(config).init_from or "the reward model's random init",
+        " (policy and value restored from the checkpoint)" if resuming else "",
+    )
     pad_id = config.data.pad_id if config.data.pad_id is not None else policy_config.pad_token_id
     pad_id = pad_id if pad_id is not None else tokenizer.pad_id
     sampling_values = config.ppo.sampling.to_dict()
