@@ -169,6 +169,7 @@ def clipping_step(tmp_path_factory):
     config.ppo.num_minibatches = 2
     config.optim.learning_rate = 1e-2
     config.optim.clip_grad_norm = 0.0
+    config.ppo.entropy_coef = 0.01
     trainer, batch = _single_device(config)
     _, metrics = trainer.train_step(trainer.init_state(), batch, jax.random.key(0))
     return {name: float(value) for name, value in jax.device_get(metrics).items()}
@@ -176,6 +177,11 @@ def clipping_step(tmp_path_factory):
 
 def test_sampler_logprobs_equal_the_trainers_old_logprobs(clipping_step):
     assert clipping_step["logprob_gap_max"] < 1e-4
+
+
+def test_an_entropy_bonus_is_computed_in_the_update_on_the_rollout_tokens(clipping_step):
+    # Averaged over updates that move the policy, it stays near the rollout's own entropy.
+    assert clipping_step["update_entropy"] == pytest.approx(clipping_step["entropy"], rel=0.5)
 
 
 def test_clipping_acts_after_the_policy_has_moved(clipping_step):

@@ -519,13 +519,19 @@ class PPOTrainer:
         del rng
         s = self.settings
         seqs = Sequences(minibatch["input_ids"], minibatch["attention_mask"], minibatch["position_ids"])
-        logprobs, entropy = self._response_logprobs(params, seqs, minibatch["response_ids"], with_entropy=True)
         mask = minibatch["mask"]
-        losses, clipped, ratio = clipped_policy_loss(logprobs, minibatch["old_logprobs"], minibatch["advantages"], s.clip_ratio)
-        per_token = losses - s.entropy_coef * entropy
         tokens = jnp.sum(mask)
         total = lambda x: (ops.masked_sum(x, mask), tokens)
-        loss_sum = ops.masked_sum(per_token, mask)
+        metrics = {}
+        # The entropy over the vocabulary costs a pass over every chunk's logits in the forward and
+        # the backward: computed only when it is part of the loss (scoring reports it anyway).
+        if s.entropy_coef:
+            logprobs, entropy = self._response_logprobs(params, seqs, minibatch["response_ids"], with_entropy=True)
+            metrics["update_entropy"] = total(entropy)
+        else:
+            logprobs, entropy = self._response_logprobs(params, seqs, minibatch["response_ids"]), 0.0
+        losses, clipped, ratio = clipped_policy_loss(logprobs, minibatch["old_logprobs"], minibatch["advantages"], s.clip_ratio)
+        loss_sum = ops.masked_sum(losses - s.entropy_coef * entropy, mask)
         log_ratio = logprobs - minibatch["old_logprobs"]
         return loss_sum, {
             "loss": (loss_sum, tokens),
@@ -533,7 +539,7 @@ class PPOTrainer:
             "policy_clip_fraction": total(clipped),
             "approx_kl": total(jnp.expm1(log_ratio) - log_ratio),  # k3 estimate of KL(old || new)
             "ratio": total(ratio),
-            "update_entropy": total(entropy),
+            **metrics,
         }
 
     def _value_loss_fn(self, value_params, minibatch, rng):
