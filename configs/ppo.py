@@ -56,7 +56,10 @@ def _tulu25_ppo(c, *, reward_model: str, output_name: str) -> None:
     c.data.max_prompt_len = 1024
     c.data.global_batch_size = 64
     c.data.num_epochs = 1
-    c.train.grad_accum_steps = 4
+    # 64 rollout rows in 2 microbatches of 32, over mesh.tensor=4: divisible on 32-, 64- and 128-chip
+    # slices alike (fsdp = chips / 4); the 70B models' 8 KV heads allow tensor up to 8.
+    c.train.grad_accum_steps = 2
+    c.mesh.tensor = 4
     for optim in (c.optim, c.ppo.value_optim):
         optim.learning_rate = 1e-6
         optim.schedule = "linear"
@@ -109,5 +112,5 @@ def get_config(preset: str = "demo"):
     elif preset == "tulu25_13b_uf_mean_13b_uf_rm":
         _tulu25_ppo(c, reward_model="allenai/tulu-v2.5-13b-uf-rm", output_name="tulu25_13b_ppo_uf_mean_13b_uf_rm")
     else:
-        raise ValueError(f"unknown ppo preset {preset!r}: use one of {PRESETS}")
+        raise ValueError(f"unknown ppo preset {preset!r}: use one of {', '.join(PRESETS)}")
     return c

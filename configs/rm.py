@@ -20,6 +20,9 @@ from common import DEMO_DATA, DEMO_RUNS, apply_demo_settings, apply_pod_settings
 from easyppo.config import base_config  # noqa: E402
 
 
+PRESETS = ("demo", "tulu25_13b_uf")
+
+
 def get_config(preset: str = "demo"):
     c = base_config("rm")
     if preset == "demo":
@@ -43,5 +46,5 @@ def get_config(preset: str = "demo"):
         c.optim.warmup_ratio = 0.03
         c.checkpoint.save_every_steps = 200
     else:
-        raise ValueError(f"unknown rm preset {preset!r}: use 'demo' or 'tulu25_13b_uf'")
+        raise ValueError(f"unknown rm preset {preset!r}: use one of {', '.join(PRESETS)}")
     return c

@@ -17,6 +17,9 @@ from common import DEMO_DATA, apply_demo_settings, apply_pod_settings  # noqa: E
 from easyppo.config import base_config  # noqa: E402
 
 
+PRESETS = ("demo", "tulu2_7b")
+
+
 def get_config(preset: str = "demo"):
     c = base_config("sft")
     if preset == "demo":
@@ -31,6 +34,7 @@ def get_config(preset: str = "demo"):
     elif preset == "tulu2_7b":
         c.output_dir = "runs/tulu2_7b_sft"
         apply_pod_settings(c, init_from="meta-llama/Llama-2-7b-hf")
+        c.model.max_position_embeddings = 8192  # Tulu 2 trains Llama 2 (4096) on 8192-token sequences
         c.data.hf_dataset = "allenai/tulu-v2-sft-mixture"
         c.data.max_seq_len = 8192
         c.data.max_prompt_len = 8191
@@ -40,5 +44,5 @@ def get_config(preset: str = "demo"):
         c.optim.warmup_ratio = 0.03
         c.optim.weight_decay = 0.0
     else:
-        raise ValueError(f"unknown sft preset {preset!r}: use 'demo' or 'tulu2_7b'")
+        raise ValueError(f"unknown sft preset {preset!r}: use one of {', '.join(PRESETS)}")
     return c

@@ -56,27 +56,54 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Overrides that change no parameter's shape, so they may also adjust a loaded model: Tulu 2 runs
+# Llama 2 weights with an 8192-token context, and a checkpoint may lack a pad id.
+SHAPE_FREE_OVERRIDES = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def _compute_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
 
 
 def resolve_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
-    """The architecture the ``model`` config describes, without touching any weights."""
+    """The architecture the ``model`` config describes, without touching any weights.
+
+    With ``init_from`` set, the stored architecture counts; an override may change it only where no
+    parameter shape depends on it (``SHAPE_FREE_OVERRIDES``), and any other override must agree with it.
+    """
     compute = _compute_settings(cfg)
     if not cfg.init_from:
         overrides = {name: cfg[name] for name in ARCHITECTURE_OVERRIDES if cfg[name] is not None}
         return llama.get_preset(cfg.preset, **overrides, **compute)
+    return _with_overrides(_stored_architecture(cfg).replace(**compute), cfg)
+
+
+def _with_overrides(stored: llama.LlamaConfig, cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
+    changes = {}
+    for name in ARCHITECTURE_OVERRIDES:
+        value = cfg[name]
+        if value is None or value == getattr(stored, name):
+            continue
+        if name not in SHAPE_FREE_OVERRIDES:
+            raise ValueError(
+                f"model.{name}={value!r} differs from the {getattr(stored, name)!r} of model.init_from="
+                f"{cfg.init_from!r}; a loaded model can only change {', '.join(SHAPE_FREE_OVERRIDES)}"
+            )
+        changes[name] = value
+    return stored.replace(**changes) if changes else stored
+
+
+def _stored_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
     path = epath.Path(cfg.init_from)
     if not path.exists():
         raise FileNotFoundError(f"model.init_from={cfg.init_from!r} does not exist")
     if (path / convert.MODEL_METADATA_FILE).exists():
         config, _ = convert.read_checkpoint_metadata(str(path))
-        return config.replace(**compute)
+        return config
     if (path / "config.json").exists():
-        return llama.LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text()), **compute)
+        return llama.LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
     if checkpoint.is_run_directory(path):
-        model_cfg = ml_collections.ConfigDict(checkpoint.read_run_config(path)["model"])
-        return resolve_architecture(model_cfg).replace(**compute)
+        return resolve_architecture(ml_collections.ConfigDict(checkpoint.read_run_config(path)["model"]))
     raise ValueError(
         f"model.init_from={cfg.init_from!r} is neither a Hugging Face directory (config.json), an easyppo "
         f"model checkpoint ({convert.MODEL_METADATA_FILE}) nor a train run's checkpoint directory"
