@@ -224,6 +224,19 @@ def test_one_epoch_of_one_minibatch_updates_at_the_rollout_parameters_so_nothing
     assert second["policy_clip_fraction"] == 0.0
 
 
+def test_an_iteration_runs_with_the_pod_settings_scanned_layers_remat_and_bfloat16(tmp_path):
+    config = tiny_ppo_config(tmp_path)
+    for model in (config.model, config.ppo.reward_model, config.ppo.value_model):
+        model.scan_layers, model.remat, model.dtype = True, "dots_no_batch", "bfloat16"
+    config.ppo.num_minibatches = 2
+    trainer, batch = _single_device(config)
+    _, metrics = trainer.train_step(trainer.init_state(), batch, jax.random.key(0))
+    metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+    assert all(np.isfinite(value) for value in metrics.values()), metrics
+    assert metrics["skipped"] == 0
+    assert metrics["logprob_gap_max"] < 0.1  # sampler and trainer agree to bfloat16 precision
+
+
 # ------------------------------------------------------------------------------------- sharding
 
 
