@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
 
@@ -482,7 +483,7 @@ class PPOTrainer:
             "old_values": values * mask, "advantages": whitened, "returns": returns,
         }
         experience = jax.tree.map(constrain_rows, experience)
-        per_row = {"raw_score": raw_score, "score": score, "kl": jnp.sum(kl, axis=-1)}
+        per_row = jax.tree.map(constrain_rows, {"raw_score": raw_score, "score": score, "kl": jnp.sum(kl, axis=-1)})
 
         rows = rollout.row_mask
         num_rows = jnp.maximum(jnp.sum(rows), 1.0)
@@ -511,6 +512,8 @@ class PPOTrainer:
             "explained_variance": explained_variance(values, returns, mask),
             "num_tokens": jnp.sum(seqs.attention_mask).astype(jnp.float32),
         }
+        # Replicated, so every host of a multi-host job can read them.
+        metrics = jax.tree.map(lambda x: sharding.constrain(x, P()), metrics)
         return experience, per_row, metrics
 
     # ----------------------------------------------------------------------------------- update
@@ -633,11 +636,12 @@ class PPOTrainer:
         if self._last_rollout is None:
             return {}
         rollout, per_row = self._last_rollout
-        host = jax.device_get({
+        # A collective in a multi-host job (every host calls this at the same step); rows span hosts.
+        host = multihost_utils.process_allgather({
             "prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
             "response_ids": rollout.response_ids, "response_mask": rollout.response_mask,
             "finished": rollout.finished, "row_mask": rollout.row_mask, **per_row,
-        })
+        }, tiled=True)
         columns: dict[str, list] = {
             "prompt": [], "response": [], "response_tokens": [], "finished": [],
             "score": [], "score_penalized": [], "kl": [],
