@@ -331,6 +331,48 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> s
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells)
 
 
+def step_columns(label: Callable[[dict[str, Any]], str], *, head_share: bool = False,
+                 best_mfu: bool = False) -> tuple[Column, ...]:
+    """The columns of a train-step table (train_step.py, dpo_step.py): one row per setting.
+
+    ``label`` renders a row's setting; ``head_share`` adds the LM head's share of the FLOPs and
+    ``best_mfu`` the MFU against the best peak reading of the run.
+    """
+    columns = [
+        Column("setting", label),
+        Column("tokens/s", lambda r: f"{r['tokens_per_s']:.0f}"),
+        Column("step ms (min-max)", lambda r: "{:.0f} ({:.0f}-{:.0f})".format(
+            *(1e3 * r["step_time"][k] for k in ("median_s", "min_s", "max_s")))),
+        Column("GFLOP/step", lambda r: f"{r['flops_per_step']['total'] / 1e9:.1f}"),
+    ]
+    if head_share:
+        columns.append(Column("head %", lambda r: f"{100 * r['flops_per_step']['head'] / r['flops_per_step']['total']:.0f}"))
+    columns += [
+        Column("GFLOP/s", lambda r: f"{r['achieved_flops_per_s'] / 1e9:.1f}"),
+        Column("MFU f32", lambda r: f"{r['mfu']['float32']:.2f}"),
+        Column("MFU bf16", lambda r: f"{r['mfu']['bfloat16']:.2f}"),
+    ]
+    if best_mfu:
+        columns += [
+            Column("best MFU f32", lambda r: f"{r['mfu_best']['float32']:.2f}"),
+            Column("best MFU bf16", lambda r: f"{r['mfu_best']['bfloat16']:.2f}"),
+        ]
+    columns += [
+        Column("compile s", lambda r: f"{r['compile_s']:.1f}"),
+        Column("peak MiB", lambda r: f"{r['memory']['peak_bytes'] / 2**20:.0f}" if r["memory"] else "-"),
+    ]
+    return tuple(columns)
+
+
+def model_title(what: str, report: dict[str, Any], workload: str) -> str:
+    """``"<what>: 19.5M params (hidden 256, 4 layers, vocab 32000), <workload>, mesh {...}"``."""
+    model = report["runs"][0]["model"]
+    return (
+        f"{what}: {model['params'] / 1e6:.1f}M params (hidden {model['hidden']}, {model['layers']} layers, "
+        f"vocab {model['vocab']}), {workload}, mesh {report['mesh']}"
+    )
+
+
 def emit(report: dict[str, Any], table: str, *, json_out: str | None = None) -> None:
     """Writes ``report`` as one JSON line to stdout (and to ``json_out``), and ``table`` to stderr.
 

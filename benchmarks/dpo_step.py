@@ -215,29 +215,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     }
 
 
-_COLUMNS = (
-    common.Column("setting", lambda r: Setting(**r["setting"]).label()),
-    common.Column("tokens/s", lambda r: f"{r['tokens_per_s']:.0f}"),
-    common.Column("step ms (min-max)", lambda r: "{:.0f} ({:.0f}-{:.0f})".format(
-        *(1e3 * r["step_time"][k] for k in ("median_s", "min_s", "max_s")))),
-    common.Column("GFLOP/step", lambda r: f"{r['flops_per_step']['total'] / 1e9:.1f}"),
-    common.Column("GFLOP/s", lambda r: f"{r['achieved_flops_per_s'] / 1e9:.1f}"),
-    common.Column("MFU f32", lambda r: f"{r['mfu']['float32']:.2f}"),
-    common.Column("MFU bf16", lambda r: f"{r['mfu']['bfloat16']:.2f}"),
-    common.Column("compile s", lambda r: f"{r['compile_s']:.1f}"),
-    common.Column("peak MiB", lambda r: f"{r['memory']['peak_bytes'] / 2**20:.0f}" if r["memory"] else "-"),
-)
+_COLUMNS = common.step_columns(lambda r: Setting(**r["setting"]).label())
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     report = run(args, command=" ".join(["python benchmarks/dpo_step.py", *argv]))
-    model = report["runs"][0]["model"]
-    title = (
-        f"DPO step: {model['params'] / 1e6:.1f}M params (hidden {model['hidden']}, {model['layers']} layers, "
-        f"vocab {model['vocab']}), {args.batch} pairs x seq {args.seq_len}, mesh {report['mesh']}"
-    )
+    title = common.model_title("DPO step", report, f"{args.batch} pairs x seq {args.seq_len}")
     common.emit(report, title + "\n" + common.format_table(report["runs"], _COLUMNS), json_out=args.json_out)
     return report
 
