@@ -34,12 +34,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from easyppo import hf_io
+from easyppo import distributed, hf_io
 from easyppo import sharding as sharding_lib
 from easyppo.models.llama import LlamaConfig, init_params, make_model
 
@@ -587,10 +588,12 @@ def convert_easyppo_to_hf(
     pad_token_id: int | None = None,
     tokenizer_dir: str | None = None,
     max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[LlamaConfig, str, list[str]]:
     """easyppo model checkpoint -> HF directory; tokenizer files come from ``tokenizer_dir`` or the
-    checkpoint. Returns ``(config, kind, weight files)``."""
-    config, kind, params = load_checkpoint(checkpoint_dir)
+    checkpoint. Returns ``(config, kind, weight files)``. With ``mesh`` the parameters are restored
+    split over it (by ``LLAMA_RULES``) instead of onto one device."""
+    config, kind, params = load_checkpoint(checkpoint_dir, mesh=mesh)
     files = save_hf(
         out_dir,
         config,
@@ -747,6 +750,18 @@ def parse_size(text: str) -> int:
 DEFAULT_RELATIVE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
+def parse_mesh(text: str) -> ml_collections.ConfigDict:
+    """``"1,-1,1"`` -> a mesh config (data, fsdp, tensor); one size may be -1 (all remaining devices)."""
+    parts = text.split(",")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != len(sharding_lib.MESH_AXES):
+        raise argparse.ArgumentTypeError(f"expected {','.join(sharding_lib.MESH_AXES).upper()} sizes such as 1,-1,1, got {text!r}")
+    return ml_collections.ConfigDict(dict(zip(sharding_lib.MESH_AXES, sizes)))
+
+
 def _print_verify(result: VerifyResult, tolerance: float | None) -> int:
     """Prints the summary and a pass/fail line; returns the exit code (1 when above the tolerance)."""
     if tolerance is None:
@@ -782,6 +797,12 @@ def _build_parser() -> argparse.ArgumentParser:
     to_easyppo.add_argument("--verify", action="store_true", help="afterwards, compare with transformers")
 
     to_hf = commands.add_parser("to-hf", help="easyppo model checkpoint -> HF directory")
+    for command in (to_easyppo, to_hf):
+        command.add_argument(
+            "--mesh", type=parse_mesh, metavar="DATA,FSDP,TENSOR",
+            help="split the parameters over this mesh of every device (e.g. 1,-1,1: FSDP over all), so a "
+            "model larger than one device's memory converts; default: the first local device",
+        )
     to_hf.add_argument("checkpoint_dir", help="easyppo model checkpoint directory")
     to_hf.add_argument("out_dir", help="new Hugging Face model directory")
     to_hf.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's parameter dtype")
@@ -824,6 +845,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.verify_dtype, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed
     )
     try:
+        distributed.initialize()  # every host of a pod runs the same command (EASYPPO_DISTRIBUTED)
+        mesh = sharding_lib.make_mesh(args.mesh) if getattr(args, "mesh", None) is not None else None
         if args.command == "to-easyppo":
             config, kind = convert_hf_to_easyppo(
                 args.hf_dir,
@@ -831,6 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kind=args.kind,
                 param_dtype=args.param_dtype,
                 scan_layers=args.scan_layers,
+                mesh=mesh,
             )
             print(
                 f"wrote {kind} checkpoint {args.out_dir}: {config.num_params():,} parameters, "
@@ -847,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pad_token_id=args.pad_token_id,
                 tokenizer_dir=args.tokenizer_dir,
                 max_shard_bytes=args.max_shard_size,
+                mesh=mesh,
             )
             architecture = CAUSAL_LM_ARCHITECTURE if kind == "causal_lm" else SCORE_ARCHITECTURE
             print(f"wrote {architecture} {args.out_dir}: {', '.join(files)}")

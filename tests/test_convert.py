@@ -294,6 +294,25 @@ def test_cli_to_hf_then_verify_reports_reward_score_difference(tmp_path, capsys)
     assert "max abs difference of scores (easyppo vs transformers)" in output
 
 
+def test_cli_converts_split_over_a_mesh_to_the_same_checkpoint_as_on_one_device(tmp_path):
+    hf_dir = _hf_dir(tmp_path / "hf")
+    assert convert.main(["to-easyppo", hf_dir, str(tmp_path / "one")]) == 0
+    assert convert.main(["to-easyppo", hf_dir, str(tmp_path / "mesh"), "--mesh", "1,-1,1"]) == 0
+    _, _, one = convert.load_checkpoint(str(tmp_path / "one"))
+    _, _, split = convert.load_checkpoint(str(tmp_path / "mesh"))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(split), jax.device_get(one))
+    assert convert.main(["to-hf", str(tmp_path / "mesh"), str(tmp_path / "back"), "--mesh", "2,2,2"]) == 0
+    assert convert.main(["verify", hf_dir, "--checkpoint", str(tmp_path / "mesh")]) == 0
+
+
+def test_cli_rejects_a_mesh_that_does_not_fit_the_devices(tmp_path, capsys):
+    hf_dir = _hf_dir(tmp_path / "hf")
+    assert convert.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--mesh", "3,1,1"]) == 2
+    assert "mesh.data=3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--mesh", "fsdp"])
+
+
 def test_verify_fails_when_the_checkpoint_differs_from_the_hf_model(tmp_path, capsys):
     hf_dir = _hf_dir(tmp_path / "hf")
     other_dir = _hf_dir(tmp_path / "other", seed=1)
