@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from easyppo import checkpoint, convert
+from easyppo import checkpoint, convert, sharding
 from easyppo import train as train_lib
-from easyppo.models import llama
+from easyppo.models import llama, loading
 
 from helpers.ppo_runs import TINY, metric_rows, tiny_ppo_config, train_rows
 
@@ -120,3 +120,11 @@ def test_export_writes_the_policy_and_the_value_model_as_hugging_face_directorie
         _, _, loaded = convert.load_hf(str(directory), kind)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
     assert json.loads((value_dir / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+
+
+def test_a_ppo_run_directory_starts_another_run_with_its_policy(runs):
+    cfg = loading.default_config()
+    cfg.init_from = str(runs["root"] / "straight" / "checkpoints")
+    mesh = sharding.make_mesh(sharding.default_config())
+    _, _, params = loading.load_model(cfg, "causal_lm", mesh=mesh, rng=jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), _state(runs["root"] / "straight")["params"])

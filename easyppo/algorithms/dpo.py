@@ -54,6 +54,7 @@ from easyppo.algorithms import base
 from easyppo.algorithms.sft import sequence_logprobs
 from easyppo.data import pipeline
 from easyppo.models import llama
+from easyppo.models import loading
 from easyppo.models.loading import load_model
 
 logger = logging.getLogger(__name__)
@@ -285,15 +286,8 @@ def make_loss_fn(
 
 
 def reference_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The ``model`` config of the reference: the policy's, with ``dpo.reference_init_from`` if set.
-
-    Remat only trades memory for recomputation in a backward pass, which the reference never has.
-    """
-    reference = ml_collections.ConfigDict(config.model.to_dict())
-    if config.dpo.reference_init_from:
-        reference.init_from = config.dpo.reference_init_from
-    reference.remat = "none"
-    return reference
+    """The ``model`` config of the reference: the policy's, with ``dpo.reference_init_from`` if set."""
+    return loading.frozen_config(config.model, config.dpo.reference_init_from)
 
 
 def make_reference_forward(module, model_config: llama.LlamaConfig, mesh: jax.sharding.Mesh, *, chunk_size: int):

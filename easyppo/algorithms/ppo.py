@@ -225,9 +225,6 @@ class Settings:
             grad_accum_steps=int(config.train.grad_accum_steps),
         )
 
-    def rollout_rows(self, prompts: int) -> int:
-        return prompts * self.samples_per_prompt
-
     def updates_per_step(self) -> int:
         return self.ppo_epochs * self.num_minibatches
 
@@ -296,17 +293,7 @@ def value_model_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
 
 def reference_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The reference's ``model`` config: the policy's, with ``ppo.reference_init_from`` if set."""
-    reference = ml_collections.ConfigDict(config.model.to_dict())
-    if config.ppo.reference_init_from:
-        reference.init_from = config.ppo.reference_init_from
-    reference.remat = "none"  # never differentiated
-    return reference
-
-
-def frozen_model_config(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    frozen = ml_collections.ConfigDict(model_cfg.to_dict())
-    frozen.remat = "none"
-    return frozen
+    return loading.frozen_config(config.model, config.ppo.reference_init_from)
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -367,10 +354,11 @@ class PPOTrainer:
     def __post_init__(self):
         s = self.settings
         policy_updates = max(self.total_steps - s.value_warmup_steps, 1) * s.updates_per_step()
+        value_updates = self.total_steps * s.updates_per_step()
         self.policy_schedule = optim.make_schedule(self.config.optim, policy_updates)
-        self.value_schedule = optim.make_schedule(self.config.ppo.value_optim, self.total_steps * s.updates_per_step())
+        self.value_schedule = optim.make_schedule(self.config.ppo.value_optim, value_updates)
         self.policy_optimizer = optim.make_optimizer(self.config.optim, policy_updates)
-        self.value_optimizer = optim.make_optimizer(self.config.ppo.value_optim, self.total_steps * s.updates_per_step())
+        self.value_optimizer = optim.make_optimizer(self.config.ppo.value_optim, value_updates)
         self.policy_module = llama.make_model(self.policy_config, "causal_lm")
         self.value_module = llama.make_model(self.value_config, "value")
         self.reward_module = llama.make_model(self.reward_config, "reward")
@@ -453,6 +441,12 @@ class PPOTrainer:
         values = self.value_module.apply({"params": value_params}, seqs.input_ids, seqs.attention_mask, seqs.position_ids)
         return response_columns(values, seqs.input_ids.shape[1] - num_new, num_new)
 
+    def _frozen_judgement(self, frozen: dict, seqs: Sequences, response_ids) -> tuple[jax.Array, jax.Array]:
+        """The reference's log-probs of the response tokens [R, N] and the reward model's score [R]."""
+        ref_logprobs = self._response_logprobs(frozen["reference"], seqs, response_ids)
+        score = self.reward_module.apply({"params": frozen["reward"]}, seqs.input_ids, seqs.attention_mask, seqs.position_ids)
+        return ref_logprobs, score
+
     def _score_impl(self, state: PPOState, frozen: dict, rollout: Rollout) -> tuple[dict, dict, dict]:
         """Old log-probs, reference log-probs, values, scores -> rewards and GAE advantages.
 
@@ -464,11 +458,8 @@ class PPOTrainer:
         seqs = join_prompt_and_response(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
         mask = rollout.response_mask.astype(jnp.float32)
         logprobs, entropy = self._response_logprobs(state.params, seqs, rollout.response_ids, with_entropy=True)
-        ref_logprobs = self._response_logprobs(frozen["reference"], seqs, rollout.response_ids)
+        ref_logprobs, raw_score = self._frozen_judgement(frozen, seqs, rollout.response_ids)
         values = self._values(state.value_params, seqs, num_new)
-        raw_score = self.reward_module.apply(
-            {"params": frozen["reward"]}, seqs.input_ids, seqs.attention_mask, seqs.position_ids
-        )
         score = apply_missing_eos_penalty(raw_score, rollout.finished, s.missing_eos_penalty, s.missing_eos_mode)
 
         kl = ops.kl_estimate(logprobs, ref_logprobs, s.kl_estimator) * mask
@@ -610,7 +601,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------- train step
 
     def train_step(self, state: PPOState, batch: Mapping[str, jax.Array], rng: jax.Array) -> tuple[PPOState, dict]:
-        train_policy = int(jax.device_get(state.step)) >= self.settings.value_warmup_steps
+        step = int(jax.device_get(state.step)) + 1  # the step this call completes
+        train_policy = step > self.settings.value_warmup_steps
         with jax.set_mesh(self.mesh):
             rollout = self.rollout(state.params, batch, jax.random.fold_in(rng, 0), sampling=self.sampling)
             experience, per_row, metrics = self.score(state, self.frozen, rollout)
@@ -618,7 +610,6 @@ class PPOTrainer:
             state, update_metrics = self.update(
                 state, experience, metrics["kl_per_sequence"], jax.random.fold_in(rng, 1), train_policy=train_policy
             )
-        step = int(jax.device_get(state.step))
         updates = self.settings.updates_per_step()
         policy_updates_done = max(step - self.settings.value_warmup_steps, 0) * updates
         metrics = {**metrics, **update_metrics}
@@ -665,8 +656,7 @@ class PPOTrainer:
         rollout = self._rollout_impl(params, batch, jax.random.key(0), sampling=sampling)
         seqs = join_prompt_and_response(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
         mask = rollout.response_mask.astype(jnp.float32)
-        ref_logprobs = self._response_logprobs(frozen["reference"], seqs, rollout.response_ids)
-        score = self.reward_module.apply({"params": frozen["reward"]}, seqs.input_ids, seqs.attention_mask, seqs.position_ids)
+        ref_logprobs, score = self._frozen_judgement(frozen, seqs, rollout.response_ids)
         kl = ops.kl_estimate(rollout.sampler_logprobs, ref_logprobs, "k1") * mask
         rows = rollout.row_mask
         count = jnp.sum(rows)
@@ -722,7 +712,7 @@ def make_trainer(
     # The reward model and (by default) the value model start from the same weights: the value head
     # begins as the reward head, Tulu 2.5's and InstructGPT's choice.
     reward_rng = jax.random.fold_in(rng, 1)
-    reward_config, _, reward = loading.load_model(frozen_model_config(config.ppo.reward_model), "reward", mesh=mesh, rng=reward_rng)
+    reward_config, _, reward = loading.load_model(loading.frozen_config(config.ppo.reward_model), "reward", mesh=mesh, rng=reward_rng)
     value_config, _, value = loading.load_model(
         value_model_config(config), "value", mesh=mesh, rng=reward_rng, abstract=resuming
     )

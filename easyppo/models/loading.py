@@ -61,6 +61,19 @@ def default_config() -> ml_collections.ConfigDict:
 SHAPE_FREE_OVERRIDES = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+def frozen_config(cfg: ml_collections.ConfigDict, init_from: str = "") -> ml_collections.ConfigDict:
+    """A copy of the ``model`` config ``cfg`` for a model that is never trained (a reference, a reward model).
+
+    ``init_from`` replaces the weights' source if set. Remat is off: it only trades memory for
+    recomputation in a backward pass, which a frozen model never has.
+    """
+    frozen = ml_collections.ConfigDict(cfg.to_dict())
+    if init_from:
+        frozen.init_from = init_from
+    frozen.remat = "none"
+    return frozen
+
+
 def _compute_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
 
