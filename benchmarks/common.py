@@ -303,7 +303,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "load_average_1m": load_average(),

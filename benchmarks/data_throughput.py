@@ -40,18 +40,7 @@ from easyppo.data.examples import RowEncoder, dataset_fingerprint, tokenize_reco
 from easyppo.data.schema import validate_records
 from easyppo.data.sources import SourceSpec, read_records
 
-_WORDS = (
-    "the of and to in is that it for was on are as with his they at be this from have or by one had not "
-    "but what all were when we there can an your which their said if do will each about how up out them "
-    "then she many some so these would other into has more her two like him see time could no make than "
-    "first been its who now people my made over did down only way find use may water long little very "
-    "after words called just where most know get through back much before go good new write our used me "
-    "man too any day same right look think also around another came come work three word must because "
-    "does part even place well such here take why things help put years different away again off went "
-    "old number great tell men say small every found still between name should home big give air line "
-    "set own under read last never model reward policy gradient token prompt answer question explain "
-    "capital river mountain science history"
-).split()
+_WORDS = ["the", "of", "and", "to", "in", "is", "that", "it", "for", "was", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had", "not", "but", "what", "all", "were", "when", "we", "there", "can", "an", "your", "which", "their", "said", "if", "do", "will", "each", "about", "how", "up", "out", "them", "then", "she", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two", "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very", "after", "words", "called", "just", "where", "most", "know", "get", "through", "back", "much", "before", "go", "good", "new", "write", "our", "used", "me", "man", "too", "any", "day", "same", "right", "look", "think", "also", "around", "another", "came", "come", "work", "three", "word", "must", "because", "does", "part", "even", "place", "well", "such", "here", "take", "why", "things", "help", "put", "years", "different", "away", "again", "off", "went", "old", "number", "great", "tell", "men", "say", "small", "every", "found", "still", "between", "name", "should", "home", "big", "give", "air", "line", "set", "own", "under", "read", "last", "never", "model", "reward", "policy", "gradient", "token", "prompt", "answer", "question", "explain", "capital", "river", "mountain", "science", "history"]
 
 
 def generate_rows(num_rows: int, seed: int) -> list[dict]:

@@ -42,14 +42,15 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmarks import common
 from benchmarks.train_step import default_intermediate_size, parse_mesh, synthetic_batch
-from easyppo import optim, sharding
 from easyppo.algorithms import base, dpo
-from easyppo.config import base_config
-from easyppo.models import llama
+from easyppo.core import optim, sharding
+from easyppo.models import llama, partitioning
+from easyppo.run.config import base_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,7 @@ def model_config(args: argparse.Namespace, dtype: str) -> llama.LlamaConfig:
 def build_trainer(args: argparse.Namespace, setting: Setting, mesh: jax.sharding.Mesh) -> base.GradientTrainer:
     """The trainer ``dpo.make_trainer`` would build, from an architecture rather than a model config."""
     config = model_config(args, setting.dtype)
-    sharding.check_model_fits_mesh(config, mesh)
+    partitioning.check_model_fits_mesh(config, mesh)
     run_config = base_config(dpo.NAME)
     run_config.dpo.logprob_chunk_size = args.chunk_size
     module = llama.make_model(config, dpo.MODEL_KIND)
@@ -131,9 +132,9 @@ def build_trainer(args: argparse.Namespace, setting: Setting, mesh: jax.sharding
     def init(key):
         return llama.make_model(config, dpo.MODEL_KIND).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
 
-    params = sharding.sharded_init(init, jax.random.key(args.seed), mesh=mesh, rules=sharding.LLAMA_RULES)
+    params = sharding.sharded_init(init, jax.random.key(args.seed), mesh=mesh, rules=partitioning.LLAMA_RULES)
     if setting.reference == "on_the_fly":
-        reference = sharding.sharded_init(init, jax.random.key(args.seed + 1), mesh=mesh, rules=sharding.LLAMA_RULES)
+        reference = sharding.sharded_init(init, jax.random.key(args.seed + 1), mesh=mesh, rules=partitioning.LLAMA_RULES)
         frozen, reference_model = {"reference_params": reference}, (module, config)
     else:
         table = np.random.default_rng(args.seed).normal(-args.seq_len, 10.0, (args.batch, 2)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Generation throughput of ``easyppo.generation.generate``, and its share of this machine's matmul peak.
+"""Generation throughput of ``easyppo.models.generation.generate``, and its share of this machine's matmul peak.
 
     python benchmarks/generation.py                                  # batch 8 and 64, 128 + 128 tokens
     python benchmarks/generation.py --batch-sizes 8 --hidden-size 256 --num-layers 2 --vocab-size 8000
@@ -35,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from easyppo import generation
-from easyppo.models import llama
+from easyppo.models import generation, llama
 
 
 def build_model_config(args: argparse.Namespace) -> llama.LlamaConfig:
@@ -95,7 +94,7 @@ def time_generation(config, params, sampling, batch: int, prompt_len: int, repea
         ).compile()
         seconds[f"{name}_compile"] = time.perf_counter() - start
         out = jax.block_until_ready(compiled(params, prompt_ids, prompt_mask, key))  # warm-up
-        seconds[name] = min(_seconds(lambda: compiled(params, prompt_ids, prompt_mask, key)) for _ in range(repeats))
+        seconds[name] = min(_seconds(lambda: compiled(params, prompt_ids, prompt_mask, key)) for _ in range(repeats))  # noqa: B023
     if int(out.response_mask.sum()) != batch * sampling.max_new_tokens:
         raise RuntimeError("a row stopped early; the benchmark needs every row to generate max_new_tokens")
     return seconds

@@ -22,7 +22,7 @@ three jitted programs ``train_step`` chains are timed one by one, waiting for ea
 Stop tokens are disabled (``stop_at_eos=False`` and no extra stop ids), so every row generates every
 token and the work per iteration is fixed; the benchmark fails if a row stops early. The trainer
 still needs ``data.tokenizer_path`` (it resolves pad and end-of-turn ids from it): the bundled
-``demo/data/tokenizer.model`` is used; it reads no text, so the models may have any vocabulary.
+``easyppo/configs/demo_data/tokenizer.model`` is used; it reads no text, so the models may have any vocabulary.
 
 Measurement: each phase is lowered and compiled ahead of time (``compile_s``; the calls reuse that
 executable, and its XLA memory plan is reported), then one untimed warm-up iteration, then
@@ -70,13 +70,13 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.train_step import default_intermediate_size
-from easyppo import config as run_config
-from easyppo import generation, sharding
 from easyppo.algorithms import ppo
-from easyppo.models import llama
+from easyppo.core import sharding
+from easyppo.models import generation, llama
+from easyppo.run import config as run_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-DEMO_TOKENIZER = REPO / "demo" / "data" / "tokenizer.model"
+DEMO_TOKENIZER = REPO / "easyppo" / "configs" / "demo_data" / "tokenizer.model"
 PAD_ID = 0
 PHASES = ("rollout", "scoring", "update")
 
@@ -145,7 +145,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _architecture_overrides(args: argparse.Namespace, *, hidden: int | None, layers: int | None) -> dict[str, Any]:
-    """``model`` config fields for random init of the chosen shape (``easyppo.models.loading`` applies
+    """``model`` config fields for random init of the chosen shape (``easyppo.weights.loading`` applies
     them to ``preset``). ``hidden`` / ``layers``: a different width or depth (the reward model's)."""
     if args.preset:
         base = llama.get_preset(args.preset)
@@ -171,7 +171,7 @@ def _architecture_overrides(args: argparse.Namespace, *, hidden: int | None, lay
 
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-    """The PPO run config of the benchmarked iteration, checked by ``easyppo.config.validate`` as the
+    """The PPO run config of the benchmarked iteration, checked by ``easyppo.run.config.validate`` as the
     train loop would check it."""
     c = run_config.base_config(ppo.NAME)
     c.model.update(init_from="", dtype=args.dtype, **_architecture_overrides(args, hidden=None, layers=None))

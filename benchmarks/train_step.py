@@ -51,10 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from easyppo import optim, sharding
 from easyppo.algorithms import base, rm, sft
-from easyppo.config import base_config
-from easyppo.models import llama
+from easyppo.core import optim, sharding
+from easyppo.models import llama, partitioning
+from easyppo.run.config import base_config
 
 ALGORITHMS = {sft.NAME: sft, rm.NAME: rm}
 HEAD_OF_ALGORITHM: dict[str, common.Head] = {sft.NAME: "lm", rm.NAME: "score"}
@@ -99,7 +99,7 @@ def parse_mesh(text: str) -> dict[str, int]:
     try:
         return dict(zip(sharding.MESH_AXES, (int(size) for size in sizes)))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh={text!r}: sizes must be integers (-1: all remaining devices)")
+        raise argparse.ArgumentTypeError(f"--mesh={text!r}: sizes must be integers (-1: all remaining devices)") from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -206,14 +206,14 @@ def build_trainer(
     if setting.chunk_size is not None:
         run_config.sft.logprob_chunk_size = setting.chunk_size
 
-    sharding.check_model_fits_mesh(config, mesh)
+    partitioning.check_model_fits_mesh(config, mesh)
     kind = module_of_algorithm.MODEL_KIND
     module = llama.make_model(config, kind)
 
     def init(key):
         return llama.make_model(config, kind).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
 
-    params = sharding.sharded_init(init, jax.random.key(seed), mesh=mesh, rules=sharding.LLAMA_RULES)
+    params = sharding.sharded_init(init, jax.random.key(seed), mesh=mesh, rules=partitioning.LLAMA_RULES)
     return base.GradientTrainer(
         name=module_of_algorithm.NAME,
         data_kind=module_of_algorithm.DATA_KIND,

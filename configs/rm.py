@@ -1,50 +1,6 @@
-"""Reward-model presets: ``--config=configs/rm.py:<preset>``.
+"""Kept so that ``--config=configs/rm.py:<preset>`` works from a checkout: the RM presets live in
+``easyppo/configs/rm.py`` (installed with the package, named ``--config=rm:<preset>`` from anywhere)."""
 
-* ``demo``: a Bradley-Terry reward model on the bundled preference data, starting from the demo's
-  SFT export (``runs/demo/sft/hf``; run configs/sft.py:demo first) or from scratch with
-  ``--config.model.init_from=""``.
-* ``tulu25_13b_uf``: the Tulu 2.5 reward-model recipe (Ivison et al. 2024): Tulu 2 13B SFT start,
-  UltraFeedback (mean-of-aspects binarisation) pairs, lr 1e-5, linear schedule with 3% warmup,
-  1 epoch, batch 512, sequences of 2048 tokens.
-"""
+from easyppo.configs.rm import PRESETS, get_config
 
-from __future__ import annotations
-
-import sys
-import pathlib
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-
-from common import DEMO_DATA, DEMO_RUNS, apply_demo_settings, apply_pod_settings  # noqa: E402
-
-from easyppo.config import base_config  # noqa: E402
-
-
-PRESETS = ("demo", "tulu25_13b_uf")
-
-
-def get_config(preset: str = "demo"):
-    c = base_config("rm")
-    if preset == "demo":
-        apply_demo_settings(c, output_name="rm")
-        c.model.init_from = str(DEMO_RUNS / "sft" / "hf")
-        c.data.path = str(DEMO_DATA / "preference_train.jsonl")
-        c.eval.path = str(DEMO_DATA / "preference_eval.jsonl")
-        c.data.num_epochs = 3
-        c.optim.learning_rate = 1e-3
-        c.optim.warmup_ratio = 0.1
-    elif preset == "tulu25_13b_uf":
-        c.output_dir = "runs/tulu25_13b_rm_uf"
-        apply_pod_settings(c, init_from="allenai/tulu-2-13b")
-        c.data.hf_dataset = "allenai/ultrafeedback_binarized_cleaned"
-        c.data.split = "train_prefs"
-        c.data.max_seq_len = 2048
-        c.data.max_prompt_len = 1024
-        c.data.global_batch_size = 512
-        c.data.num_epochs = 1
-        c.optim.learning_rate = 1e-5
-        c.optim.warmup_ratio = 0.03
-        c.checkpoint.save_every_steps = 200
-    else:
-        raise ValueError(f"unknown rm preset {preset!r}: use one of {', '.join(PRESETS)}")
-    return c
+__all__ = ["PRESETS", "get_config"]

@@ -1,4 +1,4 @@
-"""Generates the demo's data and tokenizer (the files in demo/data are its output, committed).
+"""Generates the demo's data and tokenizer (the files in easyppo/configs/demo_data are its output, committed and shipped with the package).
 
 The task is small enough for a tiny model on a CPU and has a hidden preference rule that a reward
 model can learn and that DPO and PPO can then optimise:
@@ -109,7 +109,7 @@ def train_tokenizer(path: pathlib.Path, texts: list[str]) -> None:
 
 
 def main() -> None:
-    out = pathlib.Path(__file__).resolve().parent / "data"
+    out = pathlib.Path(__file__).resolve().parent.parent / "easyppo" / "configs" / "demo_data"
     out.mkdir(exist_ok=True)
     rng = random.Random(20261125)
     splits = {

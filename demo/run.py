@@ -4,21 +4,20 @@
                                                            -> PPO (SFT policy, reward and value from the RM)
     each exported to Hugging Face format
 
-Each stage is an ordinary run of the one train loop with a ``demo`` preset from configs/, exactly
-what ``python -m easyppo.train --config=configs/<stage>.py:demo`` does; outputs go to runs/demo/.
+Each stage is an ordinary run of the one train loop with a ``demo`` preset, exactly what
+``easyppo train --config=<stage>:demo`` does; outputs go to runs/demo/ below the working directory.
 A stage whose export already exists is skipped, so an interrupted demo continues where it stopped
 (delete runs/demo to start over).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import pathlib
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 STAGES = ("sft", "rm", "dpo", "ppo")
 # The held-out metrics each stage's summary prints before -> after: (metric, what it means).
 HEADLINE = {
@@ -32,10 +31,7 @@ HEADLINE = {
 
 
 def load_config(stage: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{stage}", ROOT / "configs" / f"{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("demo")
+    return importlib.import_module(f"easyppo.configs.{stage}").get_config("demo")
 
 
 def main() -> int:
@@ -43,7 +39,7 @@ def main() -> int:
     import datasets
 
     datasets.disable_progress_bars()  # tokenising a few KB needs no progress bars
-    from easyppo.train import train
+    from easyppo.run.loop import train
 
     results = {}
     for stage in STAGES:
@@ -51,7 +47,7 @@ def main() -> int:
         if (pathlib.Path(config.train.export_hf_dir) / "config.json").exists():
             print(f"[{stage}] already done: {config.train.export_hf_dir} (delete runs/demo to redo)")
             continue
-        print(f"\n=== {stage}: python -m easyppo.train --config=configs/{stage}.py:demo ===", flush=True)
+        print(f"\n=== {stage}: easyppo train --config={stage}:demo ===", flush=True)
         with config.unlocked():
             config.eval.at_start = True
         start = time.time()

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
+import jax
 
 # With 8 emulated devices on 2 cores, several asynchronously dispatched programs that each run a
 # collective can wait on one another's threads forever (an all-reduce rendezvous never completes).

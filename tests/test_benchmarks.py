@@ -14,9 +14,10 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package; `python -m pytest` from elsewhere
 
-from benchmarks import common, train_step  # noqa: E402
-from easyppo import sharding  # noqa: E402
-from easyppo.models import llama  # noqa: E402
+from benchmarks import common, train_step
+from easyppo.core import sharding
+from easyppo.models import llama
+
 TINY = dict(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64, vocab=128, seq_len=16, batch=8)
 
 
@@ -219,7 +220,7 @@ def test_compiled_memory_peak_is_arguments_plus_outputs_minus_aliases_plus_tempo
 
 # ----------------------------------------------------------------------------------- PPO iteration
 
-from benchmarks import ppo_iteration  # noqa: E402
+from benchmarks import ppo_iteration
 
 PPO_TINY = dict(hidden_size=32, num_layers=1, heads=4, kv_heads=2, intermediate_size=64, vocab_size=128,
                 prompts=2, prompt_len=4, new_tokens=3, samples_per_prompt=2, num_minibatches=2)

@@ -8,9 +8,9 @@ import pathlib
 import jax
 import pytest
 
-from easyppo import config as run_config
-from easyppo import convert
-from easyppo.models import llama, loading
+from easyppo.models import llama
+from easyppo.run import config as run_config
+from easyppo.weights import huggingface, loading
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ALGORITHMS = ("sft", "rm", "dpo", "ppo")
@@ -91,7 +91,7 @@ def test_the_tulu25_ppo_preset_holds_the_recipe_values():
 
 def test_a_loaded_model_takes_only_overrides_that_change_no_parameter_shape(tmp_path):
     config = llama.get_preset("tiny", pad_token_id=3)
-    convert.save_hf(str(tmp_path), config, llama.init_params(config, "causal_lm", jax.random.key(0)))
+    huggingface.save_hf(str(tmp_path), config, llama.init_params(config, "causal_lm", jax.random.key(0)))
     cfg = loading.default_config()
     cfg.init_from = str(tmp_path)
     cfg.max_position_embeddings = 2 * config.max_position_embeddings  # e.g. Tulu 2's 8192 on Llama 2

@@ -18,8 +18,10 @@ from safetensors.numpy import save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from easyppo import convert, hf_io  # noqa: E402
-from easyppo.models import llama  # noqa: E402
+from easyppo.cli import convert as convert_cli
+from easyppo.models import llama
+from easyppo.weights import hf_files, huggingface, model_checkpoint
+from easyppo.weights import verify as verify_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +52,7 @@ def _read_safetensors(directory) -> dict[str, np.ndarray]:
     for name in sorted(os.listdir(directory)):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(directory, name), framework="numpy") as f:
-                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
     return tensors
 
 
@@ -64,8 +66,8 @@ def _assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) ->
 
 def _round_trip(hf_dir, tmp_path, **to_easyppo) -> str:
     checkpoint, out = str(tmp_path / "easyppo"), str(tmp_path / "hf_out")
-    convert.convert_hf_to_easyppo(hf_dir, checkpoint, **to_easyppo)
-    convert.convert_easyppo_to_hf(checkpoint, out)
+    model_checkpoint.convert_hf_to_easyppo(hf_dir, checkpoint, **to_easyppo)
+    model_checkpoint.convert_easyppo_to_hf(checkpoint, out)
     return out
 
 
@@ -77,7 +79,7 @@ def test_hf_to_easyppo_checkpoint_to_hf_round_trip_is_bitwise(dtype, tmp_path):
     hf_dir = _hf_dir(tmp_path / "hf", dtype=dtype)
     out = _round_trip(hf_dir, tmp_path)
     _assert_bitwise_equal(_read_safetensors(out), _read_safetensors(hf_dir))
-    written = hf_io.read_config(out)
+    written = hf_files.read_config(out)
     assert written["architectures"] == ["LlamaForCausalLM"]
     assert written["dtype"] == str(dtype).removeprefix("torch.")
 
@@ -99,10 +101,10 @@ def test_reward_model_round_trip_keeps_score_head_one_label_and_pad_token(tmp_pa
     hf_dir = _hf_dir(
         tmp_path / "hf", transformers.LlamaForSequenceClassification, num_labels=1, pad_token_id=5
     )
-    config, kind = convert.convert_hf_to_easyppo(hf_dir, str(tmp_path / "easyppo"))
+    config, kind = model_checkpoint.convert_hf_to_easyppo(hf_dir, str(tmp_path / "easyppo"))
     assert kind == "reward"
     out = str(tmp_path / "hf_out")
-    convert.convert_easyppo_to_hf(str(tmp_path / "easyppo"), out)
+    model_checkpoint.convert_easyppo_to_hf(str(tmp_path / "easyppo"), out)
     _assert_bitwise_equal(_read_safetensors(out), _read_safetensors(hf_dir))
     reloaded = transformers.AutoConfig.from_pretrained(out)
     assert reloaded.architectures == ["LlamaForSequenceClassification"]
@@ -136,7 +138,7 @@ def test_torch_bin_state_dict_is_read_like_the_tensors_it_holds(dtype, tmp_path)
     model.config.save_pretrained(tmp_path)
     state = model.state_dict()
     torch.save(state, tmp_path / "pytorch_model.bin")
-    config, _, params = convert.load_hf(str(tmp_path), param_dtype="float32")
+    config, _, params = huggingface.load_hf(str(tmp_path), param_dtype="float32")
     expected_down = state["model.layers.1.mlp.down_proj.weight"].float().numpy().T
     np.testing.assert_array_equal(params["model"]["layers_1"]["mlp"]["down_proj"]["kernel"], expected_down)
     np.testing.assert_array_equal(params["lm_head"]["kernel"], state["lm_head.weight"].float().numpy().T)
@@ -153,9 +155,9 @@ def test_sharded_bin_files_are_read_through_their_index_slice_by_slice(tmp_path)
     for file, keys in halves.items():
         torch.save({k: state[k] for k in keys}, tmp_path / file)
     weight_map = {k: file for file, keys in halves.items() for k in keys}
-    (tmp_path / hf_io.TORCH_INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / hf_files.TORCH_INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
     mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    _, _, params = convert.load_hf(str(tmp_path), mesh=mesh)
+    _, _, params = huggingface.load_hf(str(tmp_path), mesh=mesh)
     q_kernel = params["model"]["layers_1"]["self_attn"]["q_proj"]["kernel"]
     assert not q_kernel.sharding.is_fully_replicated
     np.testing.assert_array_equal(q_kernel, state["model.layers.1.self_attn.q_proj.weight"].numpy().T)
@@ -166,15 +168,15 @@ def test_unreadable_bin_file_is_named(tmp_path):
     transformers.LlamaConfig(**TINY).save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="pytorch_model.bin as a torch state dict"):
-        convert.load_hf(str(tmp_path))
+        huggingface.load_hf(str(tmp_path))
 
 
 def test_sharded_safetensors_are_read_through_their_index(tmp_path):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
     model.save_pretrained(tmp_path, max_shard_size="8KB")
-    assert os.path.isfile(tmp_path / hf_io.SAFETENSORS_INDEX_FILE)
-    _, _, params = convert.load_hf(str(tmp_path))
+    assert os.path.isfile(tmp_path / hf_files.SAFETENSORS_INDEX_FILE)
+    _, _, params = huggingface.load_hf(str(tmp_path))
     expected = model.model.layers[1].self_attn.o_proj.weight.detach().numpy().T
     np.testing.assert_array_equal(params["model"]["layers_1"]["self_attn"]["o_proj"]["kernel"], expected)
 
@@ -184,7 +186,7 @@ def test_legacy_rotary_buffers_in_old_checkpoints_are_ignored(tmp_path):
     tensors = _read_safetensors(hf_dir)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(2, np.float32)
     save_file(tensors, os.path.join(hf_dir, "model.safetensors"))
-    _, _, params = convert.load_hf(hf_dir)
+    _, _, params = huggingface.load_hf(hf_dir)
     np.testing.assert_array_equal(params["model"]["norm"]["scale"], tensors["model.norm.weight"])
 
 
@@ -194,9 +196,9 @@ def test_legacy_rotary_buffers_in_old_checkpoints_are_ignored(tmp_path):
 def test_export_above_the_size_cap_is_sharded_with_an_index_transformers_loads(tmp_path):
     config = llama.LlamaConfig(**TINY)
     params = llama.init_params(config, "causal_lm", jax.random.key(0))
-    files = convert.save_hf(str(tmp_path), config, params, max_shard_bytes=10_000)
+    files = huggingface.save_hf(str(tmp_path), config, params, max_shard_bytes=10_000)
     assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    with open(tmp_path / hf_io.SAFETENSORS_INDEX_FILE) as f:
+    with open(tmp_path / hf_files.SAFETENSORS_INDEX_FILE) as f:
         weight_map = json.load(f)["weight_map"]
     assert sorted(set(weight_map.values())) == sorted(files)
     for name in files:
@@ -210,18 +212,18 @@ def test_export_above_the_size_cap_is_sharded_with_an_index_transformers_loads(t
 
 def test_plan_shards_keeps_order_and_gives_an_oversized_tensor_its_own_shard():
     def planned(name, n):
-        return hf_io.PlannedTensor(name, (n,), np.dtype(np.float32), lambda: np.zeros(n, np.float32))
+        return hf_files.PlannedTensor(name, (n,), np.dtype(np.float32), lambda: np.zeros(n, np.float32))
 
-    shards = hf_io.plan_shards([planned("a", 10), planned("b", 10), planned("big", 100), planned("c", 5)], 80)
+    shards = hf_files.plan_shards([planned("a", 10), planned("b", 10), planned("big", 100), planned("c", 5)], 80)
     assert [[t.name for t in shard] for shard in shards] == [["a", "b"], ["big"], ["c"]]
 
 
 def test_config_written_without_transformers_is_read_by_transformers(tmp_path, monkeypatch):
     config = llama.LlamaConfig(**{**TINY, "rope_theta": 500000.0}, rope_scaling=llama.RopeScaling())
-    hf_config = convert.hf_config_dict(config, "reward", dtype="bfloat16")
+    hf_config = huggingface.hf_config_dict(config, "reward", dtype="bfloat16")
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
-        hf_io.write_config(str(tmp_path), hf_config)
+        hf_files.write_config(str(tmp_path), hf_config)
     reloaded = transformers.LlamaConfig.from_pretrained(tmp_path)
     assert reloaded.num_labels == 1 and reloaded.pad_token_id == 0
     assert reloaded.rope_parameters["rope_type"] == "llama3"
@@ -233,9 +235,9 @@ def test_config_written_without_transformers_is_read_by_transformers(tmp_path, m
 def test_exporting_into_a_directory_with_weights_is_refused(tmp_path):
     config = llama.LlamaConfig(**TINY)
     params = llama.init_params(config, "causal_lm", jax.random.key(0))
-    convert.save_hf(str(tmp_path), config, params)
+    huggingface.save_hf(str(tmp_path), config, params)
     with pytest.raises(FileExistsError, match="already holds weights"):
-        convert.save_hf(str(tmp_path), config, params)
+        huggingface.save_hf(str(tmp_path), config, params)
 
 
 # ------------------------------------------------------------------------------ easyppo checkpoints
@@ -244,11 +246,11 @@ def test_exporting_into_a_directory_with_weights_is_refused(tmp_path):
 def test_checkpoint_restores_onto_requested_shardings_and_dtype(tmp_path):
     config = llama.LlamaConfig(**TINY, param_dtype="bfloat16")
     params = llama.init_params(config, "value", jax.random.key(0))
-    convert.save_checkpoint(str(tmp_path / "ckpt"), config, params, "value")
+    model_checkpoint.save_checkpoint(str(tmp_path / "ckpt"), config, params, "value")
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
     shardings = jax.tree.map(lambda _: split, params)
-    restored_config, kind, restored = convert.load_checkpoint(
+    restored_config, kind, restored = model_checkpoint.load_checkpoint(
         str(tmp_path / "ckpt"), shardings=shardings, param_dtype="float32"
     )
     assert kind == "value"
@@ -264,7 +266,7 @@ def test_params_that_do_not_match_the_config_are_named(tmp_path):
     params = llama.init_params(config, "causal_lm", jax.random.key(0))
     with pytest.raises(ValueError, match="missing model/layers_1/mlp/up_proj/kernel"):
         del params["model"]["layers_1"]["mlp"]["up_proj"]
-        convert.save_checkpoint(str(tmp_path), config, params, "causal_lm")
+        model_checkpoint.save_checkpoint(str(tmp_path), config, params, "causal_lm")
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -273,53 +275,53 @@ def test_params_that_do_not_match_the_config_are_named(tmp_path):
 def test_cli_converts_in_a_subprocess_and_prints_the_max_abs_difference(tmp_path):
     hf_dir = _hf_dir(tmp_path / "hf")
     result = subprocess.run(
-        [sys.executable, "-m", "easyppo.convert", "to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--verify"],
+        [sys.executable, "-m", "easyppo", "convert", "to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--verify"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 0, result.stderr
-    line = next(l for l in result.stdout.splitlines() if l.startswith("max abs difference of logits"))
+    line = next(row for row in result.stdout.splitlines() if row.startswith("max abs difference of logits"))
     assert float(line.split(":")[1].split()[0]) <= 1e-4
     assert "OK: within tolerance" in result.stdout
 
 
 def test_cli_to_hf_then_verify_reports_reward_score_difference(tmp_path, capsys):
     hf_dir = _hf_dir(tmp_path / "hf", transformers.LlamaForSequenceClassification, num_labels=1)
-    assert convert.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--kind", "value"]) == 0
-    assert convert.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
-    assert hf_io.read_config(str(tmp_path / "out"))["dtype"] == "bfloat16"
+    assert convert_cli.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--kind", "value"]) == 0
+    assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    assert hf_files.read_config(str(tmp_path / "out"))["dtype"] == "bfloat16"
     capsys.readouterr()
-    assert convert.main(["verify", hf_dir, "--checkpoint", str(tmp_path / "ckpt"), "--kind", "reward"]) == 0
+    assert convert_cli.main(["verify", hf_dir, "--checkpoint", str(tmp_path / "ckpt"), "--kind", "reward"]) == 0
     output = capsys.readouterr().out
     assert "max abs difference of scores (easyppo vs transformers)" in output
 
 
 def test_cli_converts_split_over_a_mesh_to_the_same_checkpoint_as_on_one_device(tmp_path):
     hf_dir = _hf_dir(tmp_path / "hf")
-    assert convert.main(["to-easyppo", hf_dir, str(tmp_path / "one")]) == 0
-    assert convert.main(["to-easyppo", hf_dir, str(tmp_path / "mesh"), "--mesh", "1,-1,1"]) == 0
-    _, _, one = convert.load_checkpoint(str(tmp_path / "one"))
-    _, _, split = convert.load_checkpoint(str(tmp_path / "mesh"))
+    assert convert_cli.main(["to-easyppo", hf_dir, str(tmp_path / "one")]) == 0
+    assert convert_cli.main(["to-easyppo", hf_dir, str(tmp_path / "mesh"), "--mesh", "1,-1,1"]) == 0
+    _, _, one = model_checkpoint.load_checkpoint(str(tmp_path / "one"))
+    _, _, split = model_checkpoint.load_checkpoint(str(tmp_path / "mesh"))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(split), jax.device_get(one))
-    assert convert.main(["to-hf", str(tmp_path / "mesh"), str(tmp_path / "back"), "--mesh", "2,2,2"]) == 0
-    assert convert.main(["verify", hf_dir, "--checkpoint", str(tmp_path / "mesh")]) == 0
+    assert convert_cli.main(["to-hf", str(tmp_path / "mesh"), str(tmp_path / "back"), "--mesh", "2,2,2"]) == 0
+    assert convert_cli.main(["verify", hf_dir, "--checkpoint", str(tmp_path / "mesh")]) == 0
 
 
 def test_cli_rejects_a_mesh_that_does_not_fit_the_devices(tmp_path, capsys):
     hf_dir = _hf_dir(tmp_path / "hf")
-    assert convert.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--mesh", "3,1,1"]) == 2
+    assert convert_cli.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--mesh", "3,1,1"]) == 2
     assert "mesh.data=3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        convert.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--mesh", "fsdp"])
+        convert_cli.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--mesh", "fsdp"])
 
 
 def test_verify_fails_when_the_checkpoint_differs_from_the_hf_model(tmp_path, capsys):
     hf_dir = _hf_dir(tmp_path / "hf")
     other_dir = _hf_dir(tmp_path / "other", seed=1)
-    convert.convert_hf_to_easyppo(other_dir, str(tmp_path / "ckpt"))
-    result = convert.verify(hf_dir, checkpoint_dir=str(tmp_path / "ckpt"))
+    model_checkpoint.convert_hf_to_easyppo(other_dir, str(tmp_path / "ckpt"))
+    result = verify_lib.verify(hf_dir, checkpoint_dir=str(tmp_path / "ckpt"))
     assert result.max_abs_diff > 0.1
-    assert convert.main(["verify", hf_dir, "--checkpoint", str(tmp_path / "ckpt")]) == 1
+    assert convert_cli.main(["verify", hf_dir, "--checkpoint", str(tmp_path / "ckpt")]) == 1
     assert "FAILED" in capsys.readouterr().out
 
 
@@ -327,7 +329,7 @@ def test_verify_fails_when_the_checkpoint_differs_from_the_hf_model(tmp_path, ca
     "text, size", [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("500MB", 500 * 10**6), ("1000", 1000)]
 )
 def test_shard_sizes_parse_like_transformers_max_shard_size(text, size):
-    assert convert.parse_size(text) == size
+    assert convert_cli.parse_size(text) == size
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -335,29 +337,29 @@ def test_shard_sizes_parse_like_transformers_max_shard_size(text, size):
 
 def test_missing_config_json_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        convert.load_hf(str(tmp_path))
+        huggingface.load_hf(str(tmp_path))
 
 
 def test_unsupported_architecture_is_named(tmp_path):
     hf_dir = _hf_dir(tmp_path)
-    config = hf_io.read_config(hf_dir)
+    config = hf_files.read_config(hf_dir)
     config["architectures"] = ["LlamaForTokenClassification"]
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(config, f)
     with pytest.raises(ValueError, match="architecture 'LlamaForTokenClassification' is not supported"):
-        convert.load_hf(hf_dir)
+        huggingface.load_hf(hf_dir)
 
 
 def test_classifier_with_more_than_one_label_is_rejected(tmp_path):
     hf_dir = _hf_dir(tmp_path, transformers.LlamaForSequenceClassification, num_labels=2)
     with pytest.raises(ValueError, match="num_labels=2; easyppo reward and value models have a single"):
-        convert.load_hf(hf_dir, "reward")
+        huggingface.load_hf(hf_dir, "reward")
 
 
 def test_kind_that_does_not_fit_the_architecture_is_rejected(tmp_path):
     hf_dir = _hf_dir(tmp_path)
     with pytest.raises(ValueError, match="has no score head; load it with kind='causal_lm'"):
-        convert.load_hf(hf_dir, "reward")
+        huggingface.load_hf(hf_dir, "reward")
 
 
 def test_missing_tensor_is_named_with_its_file(tmp_path):
@@ -367,7 +369,7 @@ def test_missing_tensor_is_named_with_its_file(tmp_path):
     save_file(tensors, os.path.join(hf_dir, "model.safetensors"))
     path = os.path.join(hf_dir, "model.safetensors")
     with pytest.raises(ValueError, match=f"'model.layers.1.mlp.up_proj.weight' is missing from {path}"):
-        convert.load_hf(hf_dir)
+        huggingface.load_hf(hf_dir)
 
 
 def test_tensor_whose_shape_contradicts_config_is_named(tmp_path):
@@ -377,7 +379,7 @@ def test_tensor_whose_shape_contradicts_config_is_named(tmp_path):
     save_file(tensors, os.path.join(hf_dir, "model.safetensors"))
     message = r"k_proj.weight' in .* has shape \[16, 16\], but config.json implies \[8, 16\]"
     with pytest.raises(ValueError, match=message):
-        convert.load_hf(hf_dir)
+        huggingface.load_hf(hf_dir)
 
 
 def test_unexpected_tensors_are_listed(tmp_path):
@@ -386,21 +388,21 @@ def test_unexpected_tensors_are_listed(tmp_path):
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(16, np.float32)
     save_file(tensors, os.path.join(hf_dir, "model.safetensors"))
     with pytest.raises(ValueError, match="no place for: 'model.layers.0.self_attn.q_proj.bias'"):
-        convert.load_hf(hf_dir)
+        huggingface.load_hf(hf_dir)
 
 
 def test_directory_without_weights_lists_the_expected_files(tmp_path):
     transformers.LlamaConfig(**TINY).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="expected model.safetensors, model.safetensors.index.json"):
-        convert.load_hf(str(tmp_path))
+        huggingface.load_hf(str(tmp_path))
 
 
 def test_reward_export_without_a_pad_token_is_refused():
     config = llama.LlamaConfig(**{**TINY, "pad_token_id": None})
     with pytest.raises(ValueError, match="needs a pad token id"):
-        convert.hf_config_dict(config, "reward", dtype="float32")
+        huggingface.hf_config_dict(config, "reward", dtype="float32")
 
 
 def test_cli_reports_bad_input_on_stderr_with_exit_code_2(tmp_path, capsys):
-    assert convert.main(["to-easyppo", str(tmp_path), str(tmp_path / "ckpt")]) == 2
-    assert "easyppo-convert: error:" in capsys.readouterr().err
+    assert convert_cli.main(["to-easyppo", str(tmp_path), str(tmp_path / "ckpt")]) == 2
+    assert capsys.readouterr().err.startswith("error:")

@@ -1,4 +1,4 @@
-"""Specification of multi-host start-up: easyppo.distributed and the launch/ scripts.
+"""Specification of multi-host start-up: easyppo.run.distributed and the launch/ scripts.
 
 ``jax.distributed.initialize`` is replaced by a recorder where a test asks only *whether* and *how* it
 is called; one test starts two real processes on CPU (gloo collectives) to check what JAX reports
@@ -22,7 +22,8 @@ import time
 import jax
 import pytest
 
-from easyppo import distributed
+from easyppo.core import multihost
+from easyppo.run import distributed
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -167,21 +168,22 @@ def test_host_line_names_host_process_and_devices():
 
 
 def test_any_process_in_a_single_process_is_the_flag():
-    assert distributed.any_process(True) is True
-    assert distributed.any_process(False) is False
+    assert multihost.any_process(True) is True
+    assert multihost.any_process(False) is False
 
 
 # --------------------------------------------------------------------------- two real processes
 
 TWO_PROCESS_SCRIPT = """
 import json
-from easyppo import distributed
+from easyppo.core import multihost
+from easyppo.run import distributed
 first = distributed.initialize()
 second = distributed.initialize()  # a second real jax.distributed.initialize() would raise
 print(json.dumps(dict(
     first=first.__dict__, second_reason=second.reason,
-    only_process_1_flags=distributed.any_process(first.process_index == 1),
-    no_process_flags=distributed.any_process(False),
+    only_process_1_flags=multihost.any_process(first.process_index == 1),
+    no_process_flags=multihost.any_process(False),
 )))
 """
 

@@ -12,15 +12,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers.demo_data import DEMO_DATA, first_rows
 
-from easyppo import config as run_config
-from easyppo import convert, reference_cache, sharding
-from easyppo import train as train_lib
-from easyppo.algorithms import dpo
+from easyppo.algorithms import dpo, reference_cache
+from easyppo.core import sharding
 from easyppo.data import pipeline
 from easyppo.models import llama
-
-from helpers.demo_data import DEMO_DATA, first_rows
+from easyppo.run import config as run_config
+from easyppo.run import loop
+from easyppo.weights import huggingface
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PAD = 3
@@ -272,7 +272,7 @@ def test_an_entry_recording_another_dataset_fingerprint_is_rejected_and_recomput
     pathlib.Path(meta_path).write_text(json.dumps(meta))
 
     fresh = np.ones((5, 2), np.float32)
-    with caplog.at_level(logging.WARNING, logger="easyppo.reference_cache"):
+    with caplog.at_level(logging.WARNING, logger="easyppo.algorithms.reference_cache"):
         values, hit = reference_cache.load_or_compute(cache_dir, COMPONENTS, lambda: fresh, shape=(5, 2))
     assert not hit
     np.testing.assert_array_equal(values, fresh)
@@ -283,7 +283,7 @@ def test_an_entry_recording_another_dataset_fingerprint_is_rejected_and_recomput
 def test_an_entry_whose_values_were_altered_is_rejected(cache_dir, caplog):
     path = reference_cache.store(cache_dir, COMPONENTS, np.zeros((5, 2), np.float32))
     np.save(os.path.join(path, reference_cache.VALUES_FILE), np.full((5, 2), 7.0, np.float32))
-    with caplog.at_level(logging.WARNING, logger="easyppo.reference_cache"):
+    with caplog.at_level(logging.WARNING, logger="easyppo.algorithms.reference_cache"):
         assert reference_cache.load(cache_dir, COMPONENTS, shape=(5, 2)) is None
     assert "does not match the digest" in caplog.text
 
@@ -326,7 +326,7 @@ def reference_dir(tmp_path_factory, two_models):
     """A Hugging Face export of a random tiny model that differs from the policy's random init."""
     _, _, reference_params = two_models
     directory = tmp_path_factory.mktemp("reference") / "hf"
-    convert.save_hf(str(directory), TINY, reference_params, pad_token_id=PAD)
+    huggingface.save_hf(str(directory), TINY, reference_params, pad_token_id=PAD)
     return str(directory)
 
 
@@ -361,7 +361,7 @@ def tiny_run_config(out: pathlib.Path, data: dict, **dpo_overrides):
 
 
 def prepared(config, split="train"):
-    data_config = config.data if split == "train" else train_lib._eval_data_config(config)
+    data_config = config.data if split == "train" else loop._eval_data_config(config)
     return pipeline.prepare_data(data_config)
 
 
@@ -401,7 +401,7 @@ def test_precomputed_and_on_the_fly_references_give_the_same_held_out_metrics(
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     trainer = dpo.make_trainer(config, mesh, 6, train_data=prepared(config), eval_data=prepared(config, "eval"))
     state = trainer.init_state()
-    batch = _first_batch(prepared(config, "eval"), train_lib._eval_data_config(config), mesh)
+    batch = _first_batch(prepared(config, "eval"), loop._eval_data_config(config), mesh)
     precomputed = jax.device_get(trainer.eval_step(state, batch))
 
     on_the_fly_loss = dpo.make_loss_fn(module, TINY, config, reference_model=(module, TINY))
@@ -462,13 +462,13 @@ def interrupted_run(tmp_path_factory, small_data):
     config.train.stop_at_step = 15
     config.train.export_hf_dir = str(out / "hf")
     config.eval.at_start = True
-    first = train_lib.train(config)
+    first = loop.train(config)
     computed = []
     original = dpo.compute_reference_table
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dpo, "compute_reference_table", lambda *a, **k: computed.append(1) or original(*a, **k))
         config.train.stop_at_step = 0
-        second = train_lib.train(config)
+        second = loop.train(config)
     return {"first": first, "second": second, "reference_passes_on_resume": len(computed), "export": out / "hf"}
 
 
@@ -486,7 +486,7 @@ def test_a_resumed_run_reuses_the_cached_reference_logprobs(interrupted_run):
 
 
 def test_a_finished_run_exports_a_loadable_hugging_face_model(interrupted_run):
-    config, _, params = convert.load_hf(str(interrupted_run["export"]), "causal_lm")
+    config, _, params = huggingface.load_hf(str(interrupted_run["export"]), "causal_lm")
     assert (config.vocab_size, config.num_hidden_layers) == (TINY.vocab_size, TINY.num_hidden_layers)
     assert "lm_head" in params
 
@@ -509,4 +509,4 @@ def test_the_step_benchmark_reports_both_reference_modes(capsys):
     assert precomputed["flops_per_step"]["reference"] == 0
     assert on_the_fly["flops_per_step"]["total"] == pytest.approx(4 / 3 * precomputed["flops_per_step"]["total"])
     for run in report["runs"]:
-        assert run["tokens_per_s"] > 0 and 0 < run["mfu"]["float32"] and np.isfinite(run["loss"])
+        assert run["tokens_per_s"] > 0 and run["mfu"]["float32"] > 0 and np.isfinite(run["loss"])

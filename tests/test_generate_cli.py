@@ -1,4 +1,4 @@
-"""Specification of ``python -m easyppo.generate``: a prompts file in, one JSONL row per completion out.
+"""Specification of ``easyppo generate``: a prompts file in, one JSONL row per completion out.
 
 A tiny random policy and reward model are saved as Hugging Face directories (the policy with the
 demo tokenizer beside it, as the train loop's export writes it). References are computed without the
@@ -18,13 +18,13 @@ import pytest
 from helpers.demo_data import DEMO_DATA, first_rows
 from helpers.tokenizers import make_tiny_hf_tokenizer_dir
 
-from easyppo import convert
-from easyppo import generate as cli
-from easyppo import generation
+from easyppo.cli import generate as generate_cli
 from easyppo.data.chat import make_chat_format
 from easyppo.data.export import save_tokenizer_files
 from easyppo.data.tokenizer import load_tokenizer
-from easyppo.models import llama
+from easyppo.models import generation, llama
+from easyppo.run import generate as generate_lib
+from easyppo.weights import huggingface
 
 PAD = 3  # the demo tokenizer's <pad>
 NEW_TOKENS = 8
@@ -52,9 +52,9 @@ def setup(tmp_path_factory):
     tokenizer = load_tokenizer(tokenizer_path)
     policy_params = random_params(MODEL, "causal_lm", seed=0)
     reward_params = random_params(MODEL, "reward", seed=1)
-    convert.save_hf(str(root / "policy"), MODEL, policy_params)
+    huggingface.save_hf(str(root / "policy"), MODEL, policy_params)
     save_tokenizer_files(tokenizer_path, tokenizer, str(root / "policy"))
-    convert.save_hf(str(root / "reward"), MODEL, reward_params, "reward")
+    huggingface.save_hf(str(root / "reward"), MODEL, reward_params, "reward")
     prompts = first_rows(DEMO_DATA / "prompts_eval.jsonl", root / "prompts.jsonl", NUM_PROMPTS)
     return dict(
         root=root,
@@ -70,12 +70,12 @@ def setup(tmp_path_factory):
     )
 
 
-def options(setup, output, **overrides) -> cli.GenerateOptions:
+def options(setup, output, **overrides) -> generate_lib.GenerateOptions:
     values = dict(
         checkpoint=setup["policy"], prompts=setup["prompts"], output=str(output), max_new_tokens=NEW_TOKENS,
         batch_size=8, max_prompt_len=48, progress=False, cache_dir=setup["cache_dir"], num_proc=1,
     )
-    return cli.GenerateOptions(**{**values, **overrides})
+    return generate_lib.GenerateOptions(**{**values, **overrides})
 
 
 def flags(setup, output, *extra) -> list[str]:
@@ -94,7 +94,7 @@ def read_rows(path) -> list[dict]:
 def greedy_rows(setup):
     """One greedy run of the CLI's Python entry point, with the reward model scoring every completion."""
     output = setup["root"] / "greedy.jsonl"
-    cli.generate_file(options(setup, output, greedy=True, reward_model=setup["reward"]))
+    generate_lib.generate_file(options(setup, output, greedy=True, reward_model=setup["reward"]))
     return read_rows(output)
 
 
@@ -154,7 +154,7 @@ def test_reward_scores_equal_a_reward_model_forward_on_prompt_plus_response(setu
 def test_num_samples_gives_that_many_distinct_samples_per_prompt(setup):
     output = setup["root"] / "sampled.jsonl"
     prompts = first_rows(DEMO_DATA / "prompts_eval.jsonl", setup["root"] / "four.jsonl", 4)
-    summary = cli.generate_file(options(setup, output, prompts=prompts, num_samples=3, temperature=1.0))
+    summary = generate_lib.generate_file(options(setup, output, prompts=prompts, num_samples=3, temperature=1.0))
     rows = read_rows(output)
     assert summary.rows == len(rows) == 12
     assert [(row["index"], row["sample"]) for row in rows] == [(i, s) for i in range(4) for s in range(3)]
@@ -169,7 +169,7 @@ def test_prompts_per_batch_is_the_smallest_count_that_fits_the_mesh():
         expected = next(
             n for n in range(batch_size, 10_000) if (n * samples) % ways == 0 and n % hosts == 0
         )
-        assert cli.prompts_per_batch(batch_size, samples, ways, hosts) == expected
+        assert generate_lib.prompts_per_batch(batch_size, samples, ways, hosts) == expected
 
 
 # ------------------------------------------------------------------------------------ stop tokens
@@ -209,12 +209,12 @@ def test_generation_stops_at_the_chat_formats_end_of_turn_token_not_only_eos(tmp
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
     )
     params = rig_to_always_emit(random_params(config, "causal_lm", seed=2), eot)
-    convert.save_hf(str(tmp_path / "policy"), config, params, tokenizer_dir=str(tokenizer_dir))
+    huggingface.save_hf(str(tmp_path / "policy"), config, params, tokenizer_dir=str(tokenizer_dir))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello world"}) + "\n" + json.dumps({"prompt": "Good night"}) + "\n")
 
     output = tmp_path / "out.jsonl"
-    cli.generate_file(cli.GenerateOptions(
+    generate_lib.generate_file(generate_lib.GenerateOptions(
         checkpoint=str(tmp_path / "policy"), prompts=str(prompts), output=str(output), chat_format="llama3",
         greedy=True, max_new_tokens=NEW_TOKENS, max_prompt_len=32, progress=False,
         cache_dir=str(tmp_path / "cache"), num_proc=1,
@@ -238,8 +238,8 @@ def test_bad_prompt_row_fails_naming_file_row_and_field_before_loading_weights(s
     def no_weights(*args, **kwargs):
         raise AssertionError("model weights were loaded before the prompts were checked")
 
-    monkeypatch.setattr(cli.loading, "load_model", no_weights)
-    assert cli.main(flags(setup, output, f"--prompts={prompts}")) == 2
+    monkeypatch.setattr(generate_lib.loading, "load_model", no_weights)
+    assert generate_cli.main(flags(setup, output, f"--prompts={prompts}")) == 2
     assert f"{prompts}, row 2, field 'messages[0].content'" in capsys.readouterr().err
     assert output.read_text() == "previous results\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "prompts.jsonl"]
@@ -248,7 +248,7 @@ def test_bad_prompt_row_fails_naming_file_row_and_field_before_loading_weights(s
 def test_run_failing_midway_leaves_existing_output_untouched_and_no_temporary_file(setup, tmp_path, monkeypatch):
     output = tmp_path / "out.jsonl"
     output.write_text("previous results\n")
-    real_generate, calls = cli.generation.generate, []
+    real_generate, calls = generate_lib.generation.generate, []
 
     def fail_on_second_batch(*args, **kwargs):
         calls.append(1)
@@ -256,9 +256,9 @@ def test_run_failing_midway_leaves_existing_output_untouched_and_no_temporary_fi
             raise RuntimeError("device lost")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(cli.generation, "generate", fail_on_second_batch)
+    monkeypatch.setattr(generate_lib.generation, "generate", fail_on_second_batch)
     with pytest.raises(RuntimeError, match="device lost"):
-        cli.generate_file(options(setup, output, greedy=True))
+        generate_lib.generate_file(options(setup, output, greedy=True))
     assert output.read_text() == "previous results\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
@@ -271,7 +271,7 @@ def error_line(capsys) -> str:
 
 def test_missing_checkpoint_exits_with_status_2_and_names_the_flag(setup, tmp_path, capsys):
     missing = tmp_path / "no_such_model"
-    assert cli.main(flags(setup, tmp_path / "out.jsonl", f"--checkpoint={missing}")) == 2
+    assert generate_cli.main(flags(setup, tmp_path / "out.jsonl", f"--checkpoint={missing}")) == 2
     assert error_line(capsys) == f"error: --checkpoint: {missing} does not exist"
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -280,13 +280,13 @@ def test_checkpoint_without_tokenizer_files_needs_the_tokenizer_flag(setup, tmp_
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(pathlib.Path(setup["policy"]) / "config.json", bare / "config.json")
-    assert cli.main(flags(setup, tmp_path / "out.jsonl", f"--checkpoint={bare}")) == 2
+    assert generate_cli.main(flags(setup, tmp_path / "out.jsonl", f"--checkpoint={bare}")) == 2
     error = error_line(capsys)
     assert error.startswith("error: --tokenizer: not given") and "pass --tokenizer=PATH" in error
 
 
 def test_reward_model_flag_rejects_a_causal_lm(setup, tmp_path, capsys):
-    assert cli.main(flags(setup, tmp_path / "out.jsonl", f"--reward_model={setup['policy']}")) == 2
+    assert generate_cli.main(flags(setup, tmp_path / "out.jsonl", f"--reward_model={setup['policy']}")) == 2
     assert "error: --reward_model:" in capsys.readouterr().err
 
 
@@ -297,5 +297,5 @@ def test_sampling_options_are_checked_naming_the_flag(setup, tmp_path, capsys):
         ("--num_samples=0", "--num_samples: must be at least 1"),
     ]
     for flag, message in cases:
-        assert cli.main(flags(setup, tmp_path / "out.jsonl", flag)) == 2
+        assert generate_cli.main(flags(setup, tmp_path / "out.jsonl", flag)) == 2
         assert message in capsys.readouterr().err

@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easyppo import convert
-from easyppo import generation as gen
-from easyppo import sharding as sharding_lib
-from easyppo.models import llama
+from easyppo.core import sharding
+from easyppo.models import generation, llama, partitioning
+from easyppo.weights import huggingface
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,7 +67,7 @@ def _log_softmax(z):
 
 
 # Jitted once per sampling config: cheaper than dispatching every op of the step eagerly.
-_sample_step = jax.jit(gen.sample_next_token, static_argnames="sampling")
+_sample_step = jax.jit(generation.sample_next_token, static_argnames="sampling")
 
 
 def _sample_many(logits_row, sampling, num_samples=20000, seed=0):
@@ -85,7 +84,7 @@ def _frequencies(tokens, vocab):
 # that "most likely" is not "lowest id".
 HAND_PROBS = np.array([0.06, 0.40, 0.04, 0.25, 0.10, 0.15])
 HAND_LOGITS = np.log(HAND_PROBS).astype(np.float32) + 3.0  # an offset changes nothing
-SAMPLING = gen.SamplingConfig(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
+SAMPLING = generation.SamplingConfig(max_new_tokens=NEW_TOKENS, stop_at_eos=False)
 # Five standard errors of a frequency estimated from 20000 draws is at most 0.018.
 FREQUENCY_ATOL = 0.018
 
@@ -125,21 +124,21 @@ def test_top_p_keeps_only_the_smallest_set_whose_mass_reaches_p():
 
 
 def test_top_p_below_the_top_token_probability_keeps_only_the_top_token():
-    processed = gen.processed_logits(jnp.asarray(HAND_LOGITS[None]), dataclasses.replace(SAMPLING, top_p=0.05))
-    np.testing.assert_array_equal(np.isfinite(processed[0]), HAND_PROBS == HAND_PROBS.max())
+    processed = generation.processed_logits(jnp.asarray(HAND_LOGITS[None]), dataclasses.replace(SAMPLING, top_p=0.05))
+    np.testing.assert_array_equal(np.isfinite(processed[0]), HAND_PROBS.max() == HAND_PROBS)
 
 
 @pytest.mark.parametrize("changes", [dict(top_k=2), dict(top_p=0.6)])
 def test_tokens_tied_with_the_last_kept_one_are_kept(changes):
     # Probabilities 0.53, 0.20, 0.20, 0.07. Two tokens reach 0.6, but the third ties the second.
     logits = jnp.asarray([[2.0, 1.0, 1.0, 0.0]])
-    processed = gen.processed_logits(logits, dataclasses.replace(SAMPLING, **changes))
+    processed = generation.processed_logits(logits, dataclasses.replace(SAMPLING, **changes))
     np.testing.assert_array_equal(np.isfinite(processed[0]), [True, True, True, False])
 
 
 def test_tokens_already_at_minus_infinity_stay_excluded_and_leave_top_p_exact():
     logits = np.array([-np.inf, np.log(0.5), -np.inf, np.log(0.3), np.log(0.2)])  # probabilities 0, .5, 0, .3, .2
-    processed = gen.processed_logits(jnp.asarray(logits[None], jnp.float32), dataclasses.replace(SAMPLING, top_p=0.75))
+    processed = generation.processed_logits(jnp.asarray(logits[None], jnp.float32), dataclasses.replace(SAMPLING, top_p=0.75))
     np.testing.assert_array_equal(np.isfinite(processed[0]), [False, True, False, True, False])
 
 
@@ -150,7 +149,7 @@ def test_tokens_already_at_minus_infinity_stay_excluded_and_leave_top_p_exact():
 def test_processed_distribution_matches_the_reference_definition(temperature, top_k, top_p):
     logits = np.random.default_rng(1).normal(scale=2.0, size=(8, 64)).astype(np.float32)
     sampling = dataclasses.replace(SAMPLING, temperature=temperature, top_k=top_k, top_p=top_p)
-    processed = np.asarray(jax.jit(gen.processed_logits, static_argnames="sampling")(logits, sampling=sampling))
+    processed = np.asarray(jax.jit(generation.processed_logits, static_argnames="sampling")(logits, sampling=sampling))
     for row, processed_row in zip(logits, processed):
         expected = _reference_distribution(row, temperature, top_k, top_p)
         np.testing.assert_array_equal(np.isneginf(processed_row), expected == 0)  # exactly excluded
@@ -184,21 +183,21 @@ def test_sampled_step_reports_raw_and_processed_logprobs_of_the_drawn_token():
 )
 def test_invalid_sampling_configs_fail_naming_the_key(changes, message):
     with pytest.raises(ValueError, match=message):
-        gen.SamplingConfig(**changes)
+        generation.SamplingConfig(**changes)
 
 
 def test_default_config_dict_builds_the_default_sampling_config():
-    assert gen.SamplingConfig.from_config(gen.default_config()) == gen.SamplingConfig()
+    assert generation.SamplingConfig.from_config(generation.default_config()) == generation.SamplingConfig()
 
 
 def test_unknown_sampling_config_key_is_rejected():
     with pytest.raises(ValueError, match="top_q"):
-        gen.SamplingConfig.from_config({"top_q": 0.9})
+        generation.SamplingConfig.from_config({"top_q": 0.9})
 
 
 def test_stop_ids_are_the_models_eos_then_the_extra_stop_tokens():
     config = llama.get_preset("tiny")
-    sampling = gen.SamplingConfig(stop_token_ids=[7, config.eos_token_id, 9])
+    sampling = generation.SamplingConfig(stop_token_ids=[7, config.eos_token_id, 9])
     assert sampling.stop_ids(config) == (config.eos_token_id, 7, 9)
     assert dataclasses.replace(sampling, stop_at_eos=False).stop_ids(config) == (7, config.eos_token_id, 9)
     with pytest.raises(ValueError, match="eos_token_id"):
@@ -238,7 +237,7 @@ def converted(hf_model, tmp_path_factory):
     """``(config, params)`` of the same model, through easyppo's converter."""
     directory = tmp_path_factory.mktemp("hf_tiny")
     hf_model.save_pretrained(directory)
-    config, _, params = convert.load_hf(str(directory))
+    config, _, params = huggingface.load_hf(str(directory))
     return config, params
 
 
@@ -255,7 +254,7 @@ def _hf_greedy(model, ids, mask, new_tokens, stop_ids):
 
 def _generate(converted, ids, mask, sampling, seed=0):
     config, params = converted
-    return gen.generate(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+    return generation.generate(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
                         model_config=config, sampling=sampling)
 
 
@@ -266,7 +265,7 @@ def _mask_through_first_stop(tokens, stop_ids):
     return (np.arange(tokens.shape[1])[None] <= first[:, None]).astype(np.int32)
 
 
-GREEDY = gen.SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_at_eos=False)
+GREEDY = generation.SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_at_eos=False)
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +315,7 @@ def test_right_padded_prompts_generate_what_left_padded_prompts_do(converted, hf
 
 # Stopping on every id below 12 (about a tenth of the vocabulary) ends most rows early.
 ROLLOUT_STOPS = tuple(range(3, 12))
-ROLLOUT = gen.SamplingConfig(
+ROLLOUT = generation.SamplingConfig(
     max_new_tokens=NEW_TOKENS, temperature=0.8, top_k=20, top_p=0.9, stop_token_ids=ROLLOUT_STOPS, pad_token_id=PAD
 )
 
@@ -391,12 +390,12 @@ def test_mismatched_prompt_mask_is_rejected(converted):
 
 def test_generation_sharded_over_the_mesh_equals_single_device_generation(converted, hf_greedy_tokens):
     config, params = converted
-    mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     ids, mask = _left_padded_prompts()
-    batch = sharding_lib.batch_sharding(mesh)
-    sharded_params = sharding_lib.shard_params(params, mesh, sharding_lib.LLAMA_RULES)
+    batch = sharding.batch_sharding(mesh)
+    sharded_params = sharding.shard_params(params, mesh, partitioning.LLAMA_RULES)
     with jax.set_mesh(mesh):
-        out = gen.generate(sharded_params, jax.device_put(ids, batch), jax.device_put(mask, batch),
+        out = generation.generate(sharded_params, jax.device_put(ids, batch), jax.device_put(mask, batch),
                            jax.random.key(0), model_config=config, sampling=GREEDY)
     assert out.tokens.sharding.is_equivalent_to(batch, 2)  # rows stay split over the batch axes
     np.testing.assert_array_equal(out.tokens, hf_greedy_tokens)

@@ -1,4 +1,4 @@
-"""Specification of easyppo.grad_accum: accumulated gradients equal the whole-batch gradient."""
+"""Specification of easyppo.core.grad_accum: accumulated gradients equal the whole-batch gradient."""
 
 import functools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easyppo.grad_accum import accumulate_gradients
+from easyppo.core.grad_accum import accumulate_gradients
 
 VOCAB, DIM, BATCH, SEQ = 11, 4, 8, 6
 # Loss-token counts per row vary from 0 to 5, so every way of splitting the batch gives microbatches

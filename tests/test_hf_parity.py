@@ -13,9 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from easyppo import convert  # noqa: E402
-from easyppo import sharding as sharding_lib  # noqa: E402
-from easyppo.models import llama  # noqa: E402
+from easyppo.core import sharding
+from easyppo.models import (
+    llama,
+    partitioning,
+)
+from easyppo.weights import huggingface
 
 TOLERANCE = 1e-4
 
@@ -98,7 +101,7 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_of_loaded_hf_model_match_transformers(name, tmp_path):
     hf = _hf_model(transformers.LlamaForCausalLM, CONFIGS[name])
-    config, module, params = convert.load_hf(_save(hf, tmp_path), "causal_lm")
+    config, module, params = huggingface.load_hf(_save(hf, tmp_path), "causal_lm")
     ids = _tokens((2, 12))
     reference = _hf_logits(hf, ids)
     assert np.abs(reference).max() > 1.0  # outputs large enough for the tolerance to mean something
@@ -109,7 +112,7 @@ def test_logits_of_loaded_hf_model_match_transformers(name, tmp_path):
 def test_transformers_reproduces_logits_of_exported_random_easyppo_model(name, tmp_path):
     config = llama.LlamaConfig.from_hf_dict(transformers.LlamaConfig(**{**BASE, **CONFIGS[name]}).to_dict())
     params = _widen(llama.init_params(config, "causal_lm", jax.random.key(1)), seed=2)
-    convert.save_hf(str(tmp_path), config, params, "causal_lm")
+    huggingface.save_hf(str(tmp_path), config, params, "causal_lm")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = _tokens((2, 12), seed=1)
     reference = _hf_logits(hf, ids)
@@ -119,7 +122,7 @@ def test_transformers_reproduces_logits_of_exported_random_easyppo_model(name, t
 
 def test_scan_layers_loading_stacks_layers_and_matches_transformers(tmp_path):
     hf = _hf_model(transformers.LlamaForCausalLM, CONFIGS["gqa"], num_hidden_layers=3)
-    config, module, params = convert.load_hf(_save(hf, tmp_path), scan_layers=True)
+    config, module, params = huggingface.load_hf(_save(hf, tmp_path), scan_layers=True)
     q_kernel = params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     np.testing.assert_array_equal(q_kernel[2], hf.model.layers[2].self_attn.q_proj.weight.detach().numpy().T)
     ids = _tokens((2, 12), seed=2)
@@ -128,7 +131,7 @@ def test_scan_layers_loading_stacks_layers_and_matches_transformers(tmp_path):
 
 def test_bfloat16_checkpoint_loads_in_bfloat16_and_stays_close_to_transformers(tmp_path):
     hf = _hf_model(transformers.LlamaForCausalLM, CONFIGS["gqa"]).to(torch.bfloat16)
-    config, module, params = convert.load_hf(_save(hf, tmp_path), dtype="bfloat16")
+    config, module, params = huggingface.load_hf(_save(hf, tmp_path), dtype="bfloat16")
     assert config.param_dtype == "bfloat16"
     assert params["lm_head"]["kernel"].dtype == np.dtype("bfloat16")
     ids = _tokens((2, 12), seed=3)
@@ -162,7 +165,7 @@ ROWS = [_tokens((7,), seed=5), _tokens((11,), seed=6), _tokens((4,), seed=7)]
 
 def test_reward_scores_match_transformers_on_right_padded_batch(reward_model):
     hf, directory = reward_model
-    _, module, params = convert.load_hf(directory, "reward")
+    _, module, params = huggingface.load_hf(directory, "reward")
     ids, mask = _padded(ROWS, 11, "right")
     with torch.no_grad():  # transformers finds the last real token through pad_token_id
         reference = hf(input_ids=_torch_long(ids), attention_mask=_torch_long(mask)).logits[:, 0].numpy()
@@ -172,7 +175,7 @@ def test_reward_scores_match_transformers_on_right_padded_batch(reward_model):
 
 def test_reward_scores_match_transformers_on_left_padded_batch(reward_model):
     hf, directory = reward_model
-    _, module, params = convert.load_hf(directory, "reward")
+    _, module, params = huggingface.load_hf(directory, "reward")
     ids, mask = _padded(ROWS, 11, "left")
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # what easyppo derives from the mask
     with torch.no_grad():
@@ -184,7 +187,7 @@ def test_reward_scores_match_transformers_on_left_padded_batch(reward_model):
 
 def test_values_match_the_transformers_score_head_at_every_real_token(reward_model):
     hf, directory = reward_model
-    _, module, params = convert.load_hf(directory, "value")
+    _, module, params = huggingface.load_hf(directory, "value")
     ids, mask = _padded(ROWS, 11, "right")
     with torch.no_grad():
         hidden = hf.model(input_ids=_torch_long(ids), attention_mask=_torch_long(mask)).last_hidden_state
@@ -199,16 +202,16 @@ def test_values_match_the_transformers_score_head_at_every_real_token(reward_mod
 
 
 def _mesh():
-    return jax.make_mesh((1, 4, 2), sharding_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    return jax.make_mesh((1, 4, 2), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def test_loading_onto_a_mesh_places_each_device_its_slice_of_the_hf_tensor(tmp_path):
     hf = _hf_model(transformers.LlamaForCausalLM, CONFIGS["gqa"])
     mesh = _mesh()
-    _, module, params = convert.load_hf(_save(hf, tmp_path), scan_layers=True, mesh=mesh)
-    expected = sharding_lib.named_shardings(params, mesh, sharding_lib.LLAMA_RULES)
-    for leaf, sharding in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
-        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+    _, module, params = huggingface.load_hf(_save(hf, tmp_path), scan_layers=True, mesh=mesh)
+    expected = sharding.named_shardings(params, mesh, partitioning.LLAMA_RULES)
+    for leaf, expected_sharding in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+        assert leaf.sharding.is_equivalent_to(expected_sharding, leaf.ndim)
     stacked_up = np.stack([layer.mlp.up_proj.weight.detach().numpy().T for layer in hf.model.layers])
     up_kernel = params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
     assert len({str(shard.index) for shard in up_kernel.addressable_shards}) > 1  # really split
@@ -224,15 +227,15 @@ def test_sharded_loading_reads_only_each_devices_slice_from_disk(tmp_path, monke
     hf = _hf_model(transformers.LlamaForCausalLM, CONFIGS["mha"])
     directory = _save(hf, tmp_path)
     reads = []
-    original_read = convert.hf_io.HFCheckpoint.read
+    original_read = huggingface.hf_files.HFCheckpoint.read
 
     def recording_read(self, name, index=None):
         out = original_read(self, name, index)
         reads.append((name, out.size))
         return out
 
-    monkeypatch.setattr(convert.hf_io.HFCheckpoint, "read", recording_read)
-    convert.load_hf(directory, mesh=_mesh())
+    monkeypatch.setattr(huggingface.hf_files.HFCheckpoint, "read", recording_read)
+    huggingface.load_hf(directory, mesh=_mesh())
     q_weight = hf.model.layers[0].self_attn.q_proj.weight
     q_reads = [size for name, size in reads if name == "model.layers.0.self_attn.q_proj.weight"]
     # q_proj is split 4 ways over fsdp and 2 over tensor: eight distinct eighths, each read once.

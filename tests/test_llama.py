@@ -188,7 +188,7 @@ def test_presets_have_the_published_parameter_counts(preset, expected):
 
 def test_parameter_count_formula_matches_the_initialised_tree():
     for config in (TINY, TINY.replace(tie_word_embeddings=True)):
-        shapes = jax.eval_shape(lambda: _params(config))
+        shapes = jax.eval_shape(lambda: _params(config))  # noqa: B023 (called at once)
         assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == config.num_params()
 
 

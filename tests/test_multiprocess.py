@@ -3,7 +3,7 @@
 On a pod every host runs ``python -m easyppo.train`` with the same config; each feeds its share of the
 global batch (``sharding.host_local_to_global``), only process 0 writes metrics and all of them write
 the checkpoint. Here a cluster of two CPU processes with two devices each (connected through
-``jax.distributed`` with gloo collectives, as ``easyppo.distributed`` sets up from
+``jax.distributed`` with gloo collectives, as ``easyppo.run.distributed`` sets up from
 ``JAX_COORDINATOR_ADDRESS``) trains the same tiny run as one process with four devices. The mesh is
 the same (fsdp=4) and so is the global batch, so the per-step losses and the final parameters must
 agree up to the order in which the collectives add floating-point numbers.
@@ -15,6 +15,7 @@ of hanging it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,11 +30,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 import pytest
-
-from easyppo import checkpoint
-from easyppo.models import llama
-
 from helpers.demo_data import DEMO_DATA, first_rows
+
+from easyppo.models import llama
+from easyppo.weights import run_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -107,10 +107,8 @@ def run_trainings(config_files: dict[Topology, pathlib.Path], log_dir: pathlib.P
         while running := [p for p in procs.values() if p.poll() is None]:
             if any(p.returncode for p in procs.values()) or time.monotonic() > deadline:
                 break
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 running[0].wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -148,7 +146,7 @@ def write_config_file(path: pathlib.Path, body: str) -> pathlib.Path:
 
 
 def assert_ran_as(outputs: list[str], topology: Topology) -> None:
-    """Each process reported its place in the cluster (easyppo.distributed's start-up line)."""
+    """Each process reported its place in the cluster (easyppo.run.distributed's start-up line)."""
     devices = topology.processes * topology.devices_per_process
     for i, output in enumerate(outputs):
         expected = f"process {i} of {topology.processes}, {topology.devices_per_process} local cpu devices of {devices}"
@@ -172,7 +170,7 @@ def checkpointed_params(run_dir: pathlib.Path, kinds: dict[str, str]) -> dict:
         abstract = jax.eval_shape(lambda: llama.init_params(model_config, kind, jax.random.key(0)))
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
 
-    return checkpoint.restore_subtree(run_dir / "checkpoints", {name: target(kind) for name, kind in kinds.items()})
+    return run_checkpoint.restore_subtree(run_dir / "checkpoints", {name: target(kind) for name, kind in kinds.items()})
 
 
 def assert_trees_close(actual, expected, *, rtol: float, atol: float) -> None:

@@ -1,11 +1,11 @@
-"""Specification of easyppo.ops, checked against NumPy formulas written out here."""
+"""Specification of easyppo.core.ops, checked against NumPy formulas written out here."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easyppo import ops
+from easyppo.core import ops
 
 # Ragged right-padded rows plus one row with a hole in the middle and one empty row.
 RAGGED_MASK = np.array(

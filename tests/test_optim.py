@@ -1,4 +1,4 @@
-"""Specification of easyppo.optim: schedules by hand formula, AdamW + clipping against NumPy."""
+"""Specification of easyppo.core.optim: schedules by hand formula, AdamW + clipping against NumPy."""
 
 import math
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from easyppo import optim
+from easyppo.core import optim
 
 PEAK = 1e-3
 
@@ -129,7 +129,7 @@ def llama_like_params(
     """A parameter tree with the model contract's layout (see the shared brief)."""
 
     def block(lead=()):
-        z = lambda *shape: jnp.zeros(lead + shape)  # noqa: E731
+        z = lambda *shape: jnp.zeros(lead + shape)
         return {
             "input_layernorm": {"scale": z(dim)},
             "self_attn": {

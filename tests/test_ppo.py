@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from easyppo import sharding
-from easyppo import config as run_config
-from easyppo.algorithms import ppo
-from easyppo.data import pipeline
-
 from helpers.ppo_runs import tiny_ppo_config
+
+from easyppo.algorithms import ppo
+from easyppo.core import sharding
+from easyppo.data import pipeline
+from easyppo.run import config as run_config
 
 RNG = np.random.default_rng(0)
 
@@ -263,7 +262,7 @@ def test_a_sharded_iteration_equals_the_single_device_one(tmp_path):
     # Four optimizer steps of each model later, the parameters still agree to float32 noise.
     for field in ("params", "value_params"):
         jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=field),
+            lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=field),  # noqa: B023
             getattr(single[3], field), getattr(sharded[3], field),
         )
 

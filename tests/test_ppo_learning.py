@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from easyppo import train as train_lib
-
 from helpers.ppo_runs import save_peaky_policy, tiny_ppo_config, train_rows
+
+from easyppo.run import loop
 
 ITERATIONS = 20
 
@@ -21,7 +20,7 @@ def test_ppo_raises_the_mean_reward_of_a_fixed_reward_model(tmp_path):
     config.ppo.num_minibatches = 2
     config.ppo.ppo_epochs = 2
     config.optim.learning_rate = 2e-3
-    train_lib.train(config)
+    loop.train(config)
 
     scores = np.array([row["score"] for row in train_rows(tmp_path / "run")])
     assert len(scores) == ITERATIONS

@@ -6,12 +6,12 @@ import json
 import jax
 import numpy as np
 import pytest
-
-from easyppo import checkpoint, convert, sharding
-from easyppo import train as train_lib
-from easyppo.models import llama, loading
-
 from helpers.ppo_runs import TINY, metric_rows, tiny_ppo_config, train_rows
+
+from easyppo.core import sharding
+from easyppo.models import llama
+from easyppo.run import loop
+from easyppo.weights import huggingface, loading, run_checkpoint
 
 STEPS = 3
 
@@ -41,14 +41,14 @@ def runs(tmp_path_factory):
     straight.eval.batch_size = 16
     straight.eval.max_batches = 1
     straight.eval.at_start = True
-    straight_result = train_lib.train(straight)
+    straight_result = loop.train(straight)
 
     interrupted = _config(root / "interrupted", cache)
     interrupted.train.stop_at_step = 1
-    first = train_lib.train(interrupted)
+    first = loop.train(interrupted)
     with interrupted.unlocked():
         interrupted.train.stop_at_step = 0
-    resumed = train_lib.train(interrupted)
+    resumed = loop.train(interrupted)
     return dict(root=root, straight=straight_result, first=first, resumed=resumed)
 
 
@@ -62,7 +62,7 @@ def _state(run_dir):
 
     scalar = jax.ShapeDtypeStruct((), np.float32, sharding=device)
     tree = {"params": target("causal_lm"), "value_params": target("value"), "kl_coef": scalar}
-    return jax.device_get(checkpoint.restore_subtree(run_dir / "checkpoints", tree))
+    return jax.device_get(run_checkpoint.restore_subtree(run_dir / "checkpoints", tree))
 
 
 def test_a_stopped_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(runs):
@@ -117,7 +117,7 @@ def test_export_writes_the_policy_and_the_value_model_as_hugging_face_directorie
     state = _state(runs["root"] / "straight")
     for directory, kind, params in ((policy_dir, "causal_lm", state["params"]), (value_dir, "value", state["value_params"])):
         assert (directory / "config.json").exists() and (directory / "tokenizer.model").exists()
-        _, _, loaded = convert.load_hf(str(directory), kind)
+        _, _, loaded = huggingface.load_hf(str(directory), kind)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
     assert json.loads((value_dir / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
 

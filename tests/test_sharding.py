@@ -1,7 +1,7 @@
-"""Specification of easyppo.sharding on an 8-device emulated CPU mesh (data=2, fsdp=2, tensor=2).
+"""Specification of easyppo.core.sharding on an 8-device emulated CPU mesh (data=2, fsdp=2, tensor=2).
 
 The expected layout of every LLaMA parameter is written out below from the documented Megatron + FSDP
-scheme, not read back from ``sharding.LLAMA_RULES``; sharded forwards are compared with the plain
+scheme, not read back from ``partitioning.LLAMA_RULES``; sharded forwards are compared with the plain
 single-device forward of the same parameters.
 """
 
@@ -16,8 +16,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from easyppo import sharding
-from easyppo.models import llama
+from easyppo.core import sharding
+from easyppo.models import llama, partitioning
 
 MESH_SIZES = {"data": 2, "fsdp": 2, "tensor": 2}
 SEQ_LEN = 8
@@ -167,7 +167,7 @@ def test_invalid_mesh_sizes_are_rejected_by_key(sizes, message):
 
 
 def test_tiny_model_fits_the_2x2x2_mesh(mesh):
-    sharding.check_model_fits_mesh(tiny_config(), mesh)
+    partitioning.check_model_fits_mesh(tiny_config(), mesh)
 
 
 @pytest.mark.parametrize(
@@ -185,13 +185,13 @@ def test_tiny_model_fits_the_2x2x2_mesh(mesh):
 )
 def test_model_that_does_not_divide_the_mesh_names_field_and_axis(mesh, overrides, message):
     with pytest.raises(ValueError, match=message):
-        sharding.check_model_fits_mesh(tiny_config(**overrides), mesh)
+        partitioning.check_model_fits_mesh(tiny_config(**overrides), mesh)
 
 
 def test_indivisible_parameter_dimension_is_reported_with_its_path(mesh):
     tree = {"model": {"embed_tokens": {"embedding": jax.ShapeDtypeStruct((511, 64), jnp.float32)}}}
     with pytest.raises(ValueError, match=r"'model/embed_tokens/embedding'.*dimension 0 \(size 511\)"):
-        sharding.named_shardings(tree, mesh, sharding.LLAMA_RULES)
+        sharding.named_shardings(tree, mesh, partitioning.LLAMA_RULES)
 
 
 def test_rule_naming_an_axis_the_mesh_lacks_is_an_error(mesh):
@@ -217,7 +217,7 @@ def test_first_matching_rule_wins():
 def test_parameter_without_a_rule_is_an_error_naming_its_path():
     tree = {"model": {"adapter": {"kernel": jax.ShapeDtypeStruct((64, 8), jnp.float32)}}}
     with pytest.raises(ValueError, match=r"no partition rule matches parameter 'model/adapter/kernel'"):
-        sharding.partition_specs(tree, sharding.LLAMA_RULES)
+        sharding.partition_specs(tree, partitioning.LLAMA_RULES)
 
 
 def test_spec_longer_than_the_parameter_rank_is_an_error():
@@ -230,7 +230,7 @@ def test_spec_longer_than_the_parameter_rank_is_an_error():
 @pytest.mark.parametrize("kind", ["causal_lm", "reward"])
 def test_llama_rules_give_every_parameter_its_documented_spec(kind, scan_layers):
     shapes = jax.eval_shape(init_fn(tiny_config(scan_layers=scan_layers), kind), jax.random.key(0))
-    specs = sharding.partition_specs(shapes, sharding.LLAMA_RULES)
+    specs = sharding.partition_specs(shapes, partitioning.LLAMA_RULES)
     paths = {path_str(path): spec for path, spec in jax.tree_util.tree_leaves_with_path(specs)}
     assert paths, "the tree has parameters"
     for path, spec in paths.items():
@@ -241,7 +241,7 @@ def test_llama_rules_give_every_parameter_its_documented_spec(kind, scan_layers)
 @pytest.mark.parametrize("kind", ["causal_lm", "reward"])
 def test_sharded_parameters_really_are_split_as_their_rule_says(mesh, kind, scan_layers):
     host_params = random_params(tiny_config(scan_layers=scan_layers), kind)
-    params = sharding.shard_params(host_params, mesh, sharding.LLAMA_RULES)
+    params = sharding.shard_params(host_params, mesh, partitioning.LLAMA_RULES)
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         assert_sharded_as(leaf, path_str(path), expected_spec(path_str(path), scan_layers), mesh)
 
@@ -250,7 +250,7 @@ def test_sharded_init_gives_born_sharded_parameters_equal_to_a_single_device_ini
     config = tiny_config(scan_layers=True)
     init = init_fn(config, "causal_lm")
 
-    params = sharding.sharded_init(init, jax.random.key(7), mesh=mesh, rules=sharding.LLAMA_RULES)
+    params = sharding.sharded_init(init, jax.random.key(7), mesh=mesh, rules=partitioning.LLAMA_RULES)
     reference = jax.jit(init)(jax.random.key(7))
 
     leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -290,7 +290,7 @@ def test_sharded_forward_equals_single_device_forward(mesh, kind, config_overrid
 
     expected = jax.jit(model.apply)({"params": host_params}, batch["input_ids"], batch["attention_mask"])
 
-    params = sharding.shard_params(host_params, mesh, sharding.LLAMA_RULES)
+    params = sharding.shard_params(host_params, mesh, partitioning.LLAMA_RULES)
     global_batch = sharding.host_local_to_global(batch, mesh)
     with jax.set_mesh(mesh):
         actual = jax.jit(model.apply)(
@@ -311,9 +311,9 @@ def test_adamw_state_specs_mirror_the_parameter_specs():
     optimizer = optax.adamw(1e-3)
     state = jax.eval_shape(optimizer.init, params)
 
-    specs = sharding.optimizer_state_specs(state, params, sharding.LLAMA_RULES)
+    specs = sharding.optimizer_state_specs(state, params, partitioning.LLAMA_RULES)
 
-    param_specs = sharding.partition_specs(params, sharding.LLAMA_RULES)
+    param_specs = sharding.partition_specs(params, partitioning.LLAMA_RULES)
     adam_specs = specs[0]
     assert adam_specs.count == P()
     assert adam_specs.mu == param_specs
@@ -323,10 +323,10 @@ def test_adamw_state_specs_mirror_the_parameter_specs():
 
 def test_sharded_optimizer_init_places_moments_like_their_parameters(mesh):
     config = tiny_config(scan_layers=False)
-    params = sharding.shard_params(random_params(config, "reward"), mesh, sharding.LLAMA_RULES)
+    params = sharding.shard_params(random_params(config, "reward"), mesh, partitioning.LLAMA_RULES)
     optimizer = optax.adamw(1e-3)
 
-    state = sharding.sharded_optimizer_init(optimizer, params, mesh=mesh, rules=sharding.LLAMA_RULES)
+    state = sharding.sharded_optimizer_init(optimizer, params, mesh=mesh, rules=partitioning.LLAMA_RULES)
 
     assert state[0].count.sharding.is_fully_replicated
     for moments in (state[0].mu, state[0].nu):

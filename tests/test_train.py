@@ -13,15 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.demo_data import DEMO_DATA, first_rows
 
-from easyppo import checkpoint, convert, sharding
-from easyppo import config as run_config
-from easyppo import train as train_lib
 from easyppo.algorithms import base, rm, sft
+from easyppo.cli import train as train_cli
+from easyppo.core import sharding
 from easyppo.data import pipeline
 from easyppo.models import llama
-
-from helpers.demo_data import DEMO_DATA, first_rows
+from easyppo.run import config as run_config
+from easyppo.run import loop
+from easyppo.weights import huggingface, run_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -72,7 +73,7 @@ def final_params(run_dir: pathlib.Path, config):
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
         abstract,
     )
-    return checkpoint.restore_subtree(run_dir / "checkpoints", {"params": target})["params"]
+    return run_checkpoint.restore_subtree(run_dir / "checkpoints", {"params": target})["params"]
 
 
 def metrics_lines(run_dir: pathlib.Path) -> list[dict]:
@@ -82,14 +83,14 @@ def metrics_lines(run_dir: pathlib.Path) -> list[dict]:
 @pytest.mark.parametrize("algorithm", ["sft", "rm"])
 def test_an_interrupted_and_resumed_run_ends_with_bitwise_identical_parameters(tmp_path, small_data, algorithm):
     whole = tiny_config(algorithm, tmp_path / "whole", small_data)
-    assert train_lib.train(whole).status == "completed"
+    assert loop.train(whole).status == "completed"
 
     split = tiny_config(algorithm, tmp_path / "split", small_data, stop_at_step=3)  # mid-epoch
-    first = train_lib.train(split)
+    first = loop.train(split)
     assert (first.status, first.step) == ("stopped", 3)
     with split.unlocked():
         split.train.stop_at_step = 0
-    second = train_lib.train(split)
+    second = loop.train(split)
     assert (second.status, second.step) == ("completed", 7)  # crossed into the second epoch
 
     jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "whole", whole), final_params(tmp_path / "split", split))
@@ -102,15 +103,15 @@ def test_a_resumed_run_does_not_read_the_initial_weights_again(tmp_path, small_d
     """The checkpoint replaces them anyway; for a 70B model that read is minutes of wasted I/O."""
     start = tmp_path / "start"
     model_config = llama.get_preset("tiny", pad_token_id=3)
-    convert.save_hf(str(start), model_config, llama.init_params(model_config, "causal_lm", jax.random.key(3)))
+    huggingface.save_hf(str(start), model_config, llama.init_params(model_config, "causal_lm", jax.random.key(3)))
     config = tiny_config("sft", tmp_path / "run", small_data, num_steps=4, stop_at_step=2)
     config.model.init_from = str(start)
-    assert train_lib.train(config).status == "stopped"
+    assert loop.train(config).status == "stopped"
     for weights in start.glob("*.safetensors"):
         weights.unlink()  # config.json stays: the architecture is still read from it
     with config.unlocked():
         config.train.stop_at_step = 0
-    result = train_lib.train(config)
+    result = loop.train(config)
     assert (result.status, result.step) == ("completed", 4)
 
 
@@ -140,13 +141,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, small_data):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "preempted" in output
-    saved = checkpoint.Checkpointer(_checkpoint_cfg(tmp_path / "run" / "checkpoints"), read_only=True).latest_step()
+    saved = run_checkpoint.Checkpointer(_checkpoint_cfg(tmp_path / "run" / "checkpoints"), read_only=True).latest_step()
     logged = max(m["step"] for m in metrics_lines(tmp_path / "run"))
     assert saved is not None and saved >= logged >= 2
 
 
 def _checkpoint_cfg(directory):
-    cfg = checkpoint.default_config()
+    cfg = run_checkpoint.default_config()
     cfg.directory = str(directory)
     return cfg
 
@@ -199,9 +200,9 @@ def test_consecutive_non_finite_steps_stop_the_run_and_nothing_non_finite_is_sav
     always_nan = lambda make: (lambda *a: (lambda p, f, b, r: _nan(make(*a)(p, f, b, r))))
     monkeypatch.setattr(sft, "make_loss_fn", always_nan(sft.make_loss_fn))
     config = tiny_config("sft", tmp_path, small_data, max_consecutive_nonfinite=3)
-    with pytest.raises(train_lib.NonFiniteTrainingError, match="3 consecutive steps"):
-        train_lib.train(config)
-    assert checkpoint.Checkpointer(_checkpoint_cfg(tmp_path / "checkpoints"), read_only=True).latest_step() is None
+    with pytest.raises(loop.NonFiniteTrainingError, match="3 consecutive steps"):
+        loop.train(config)
+    assert run_checkpoint.Checkpointer(_checkpoint_cfg(tmp_path / "checkpoints"), read_only=True).latest_step() is None
     assert metrics_lines(tmp_path)[-1]["nonfinite_steps"] == 3
 
 
@@ -212,16 +213,16 @@ def _nan(result):
 
 def test_an_unknown_config_key_is_named_with_the_closest_match():
     with pytest.raises(run_config.ConfigError, match=r"optim\.learning_rat.*did you mean 'optim\.learning_rate'"):
-        train_lib.config_from_argv(["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rat=1e-4"])
+        train_cli.config_from_argv(["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rat=1e-4"])
 
 
 def test_a_wrongly_typed_override_names_the_flag():
     with pytest.raises(run_config.ConfigError, match="config.optim.learning_rate"):
-        train_lib.config_from_argv(["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rate=fast"])
+        train_cli.config_from_argv(["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rate=fast"])
 
 
 def test_overrides_reach_the_config():
-    config = train_lib.config_from_argv(
+    config = train_cli.config_from_argv(
         ["train", f"--config={REPO}/configs/rm.py:demo", "--config.optim.learning_rate=0.5", "--config.mesh.fsdp=2"]
     )
     assert (config.algorithm, config.optim.learning_rate, config.mesh.fsdp) == ("rm", 0.5, 2)
@@ -266,7 +267,7 @@ def test_sft_lowers_held_out_loss_and_exports_a_loadable_model(tmp_path, small_d
     config.optim.learning_rate = 3e-3
     config.eval.path = small_data["sft_eval"]
     config.eval.at_start = True
-    result = train_lib.train(config)
+    result = loop.train(config)
     assert result.eval_metrics["loss"] < 0.75 * result.initial_eval_metrics["loss"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer.pad_token_id == 3
@@ -282,5 +283,5 @@ def test_the_reward_model_learns_the_demo_preference_rule(tmp_path):
     config.data.global_batch_size = 32
     config.optim.learning_rate = 2e-3
     config.eval.path = str(DEMO_DATA / "preference_eval.jsonl")
-    result = train_lib.train(config)
+    result = loop.train(config)
     assert result.eval_metrics["accuracy"] >= 0.9, result.eval_metrics

@@ -1,6 +1,6 @@
 """What an algorithm hands the train loop, and the shared machinery of gradient-based algorithms.
 
-The loop (``easyppo.train``) knows nothing about SFT, reward models, DPO or PPO. It asks the
+The loop (``easyppo.run.loop``) knows nothing about SFT, reward models, DPO or PPO. It asks the
 algorithm's ``make_trainer`` for a :class:`Trainer` and then only ever calls:
 
 * ``init_state()`` / ``abstract_state()`` - the checkpointed state, born sharded / as a restore target
@@ -26,15 +26,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from easyppo import convert, grad_accum, optim, sharding
-from easyppo.models import llama
-from easyppo.models.loading import load_model
+from easyppo.core import grad_accum, optim, sharding
+from easyppo.models import llama, partitioning
+from easyppo.weights import huggingface
+from easyppo.weights.loading import load_model
 
 PyTree = Any
 MetricPairs = dict[str, tuple[jax.Array, jax.Array]]
-# loss_fn(params, frozen, batch, rng) -> (loss_sum, {name: (sum, count)}); see easyppo.grad_accum.
+# loss_fn(params, frozen, batch, rng) -> (loss_sum, {name: (sum, count)}); see easyppo.core.grad_accum.
 LossFn = Callable[[PyTree, PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, MetricPairs]]
 
 
@@ -80,7 +82,7 @@ class GradientUpdate(NamedTuple):
 
     params: PyTree
     opt_state: PyTree
-    metrics: dict[str, jax.Array]  # the loss_fn's metrics, divided once (easyppo.grad_accum)
+    metrics: dict[str, jax.Array]  # the loss_fn's metrics, divided once (easyppo.core.grad_accum)
     grad_norm: jax.Array
     finite: jax.Array  # False: the loss or gradient was NaN/Inf and the step was discarded
 
@@ -129,7 +131,7 @@ class GradientTrainer:
     num_microbatches: int
     pad_token_id: int | None = None
     metric_finalizer: Callable[[dict[str, float]], dict[str, float]] | None = None
-    rules: sharding.PartitionRules = sharding.LLAMA_RULES
+    rules: sharding.PartitionRules = partitioning.LLAMA_RULES
     # What eval_step passes as ``frozen`` when it differs from training's: per-row frozen inputs, such
     # as DPO's precomputed reference log-probs, are indexed by row of their own split. None: ``frozen``.
     eval_frozen: PyTree = None
@@ -196,7 +198,7 @@ class GradientTrainer:
         return self.metric_finalizer(means) if self.metric_finalizer else means
 
     def export(self, state: TrainState, directory: str) -> list[str]:
-        convert.save_hf(directory, self.model_config, state.params, kind=self.kind, pad_token_id=self.pad_token_id)
+        huggingface.save_hf(directory, self.model_config, state.params, kind=self.kind, pad_token_id=self.pad_token_id)
         return [directory]
 
 

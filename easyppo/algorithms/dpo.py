@@ -22,14 +22,14 @@ scores exactly chance, 0.5).
 
 Chosen and rejected sequences go through the model together as one [2B, T] batch, interleaved row
 by row so that each device keeps exactly the rows it already holds. Token log-probs come from the
-chunked log-softmax of ``easyppo.ops.token_logprobs`` (never the float32 [2B, T, V] logits at once).
+chunked log-softmax of ``easyppo.core.ops.token_logprobs`` (never the float32 [2B, T, V] logits at once).
 
 The reference log-probs come from one of two places (``dpo.reference``):
 
 * ``on_the_fly``: frozen reference parameters, sharded like the policy and without optimizer state,
   run forward in every step;
 * ``precomputed``: one jitted, sharded forward pass over the train and eval splits before training,
-  cached on disk by ``easyppo.reference_cache`` (keyed by the dataset fingerprint and the reference
+  cached on disk by ``easyppo.algorithms.reference_cache`` (keyed by the dataset fingerprint and the reference
   checkpoint), so resumed and later runs skip it. Steps then gather rows of a small [num_rows, 2]
   table by the batch's ``example_index`` and the reference model is never held in memory.
 """
@@ -46,16 +46,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
-from easyppo import ops, reference_cache, sharding
-from easyppo.algorithms import base
+from easyppo.algorithms import base, reference_cache
 from easyppo.algorithms.sft import sequence_logprobs
+from easyppo.core import ops, sharding
 from easyppo.data import pipeline
 from easyppo.models import llama
-from easyppo.models import loading
-from easyppo.models.loading import load_model
+from easyppo.weights import loading
+from easyppo.weights.loading import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +332,7 @@ def compute_reference_table(
 def reference_cache_components(
     data: pipeline.PreparedData, reference_cfg: ml_collections.ConfigDict, *, seed: int
 ) -> dict[str, Any]:
-    """Everything the precomputed table depends on (the cache key; see easyppo.reference_cache).
+    """Everything the precomputed table depends on (the cache key; see easyppo.algorithms.reference_cache).
 
     The table holds *summed* log-probs, so length normalisation, the loss and beta do not enter: one
     entry serves every DPO variant on the same data and reference.

@@ -2,7 +2,7 @@
 
 One train step of the loop is one PPO *iteration* over a batch of prompts:
 
-1. **rollout** - ``easyppo.generation.generate`` samples ``samples_per_prompt`` responses per prompt
+1. **rollout** - ``easyppo.models.generation.generate`` samples ``samples_per_prompt`` responses per prompt
    with the current policy (one jitted prefill + ``lax.while_loop`` decode);
 2. **scoring**, once, with the rollout's own parameters (one jitted program): the policy's log-probs
    of the sampled tokens (the *old* log-probs), the frozen reference's, the value model's per-token
@@ -11,7 +11,7 @@ One train step of the loop is one PPO *iteration* over a batch of prompts:
 3. **rewards**: per token ``-kl_coef * KL_t`` (``kl_estimator`` k1 by default, k3 optional), plus
    the score on the last response token; ``kl_coef`` is fixed or follows the adaptive controller of
    Ziegler et al. (2019), and lives in the checkpointed state;
-4. **advantages**: GAE(gamma, lambda) by a reverse ``lax.scan`` (``easyppo.ops.gae``); returns =
+4. **advantages**: GAE(gamma, lambda) by a reverse ``lax.scan`` (``easyppo.core.ops.gae``); returns =
    advantages + values; advantages whitened over the rollout's response tokens;
 5. **updates** (one jitted program, donating the state): ``ppo_epochs`` passes over shuffled
    minibatches, each a clipped-surrogate policy step and a clipped value step with their own
@@ -55,15 +55,16 @@ import ml_collections
 import numpy as np
 from jax import lax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
-from easyppo import convert, generation, ops, optim, sharding
 from easyppo.algorithms import base
+from easyppo.core import ops, optim, sharding
 from easyppo.data import pipeline
-from easyppo.models import llama
-from easyppo.models import loading
-from easyppo.sequences import Sequences, join_prompt_and_response, response_columns
+from easyppo.models import generation, llama, partitioning
+from easyppo.models.sequences import Sequences, join_prompt_and_response, response_columns
+from easyppo.weights import huggingface, loading
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.value_optim = optim.default_config()  # The value model's optimizer (the policy uses config.optim).
     # Rewards.
     c.kl_coef = 0.05  # Initial (adaptive) or fixed weight of the per-token KL penalty.
-    c.kl_estimator = "k1"  # One of KL_ESTIMATORS (easyppo.ops.kl_estimate).
+    c.kl_estimator = "k1"  # One of KL_ESTIMATORS (easyppo.core.ops.kl_estimate).
     c.adaptive_kl = False  # Ziegler et al.'s proportional controller towards kl_target.
     c.kl_target = 6.0  # Target KL per sequence (nats) of the adaptive controller.
     c.kl_horizon = 10000  # Its horizon in rollout rows.
@@ -368,9 +369,9 @@ class PPOTrainer:
         self.state_shardings = PPOState(
             step=replicated,
             params=shardings_of(self.initial_params),
-            opt_state=sharding.optimizer_state_shardings(self.policy_optimizer, self.initial_params, self.mesh, sharding.LLAMA_RULES),
+            opt_state=sharding.optimizer_state_shardings(self.policy_optimizer, self.initial_params, self.mesh, partitioning.LLAMA_RULES),
             value_params=shardings_of(self.initial_value_params),
-            value_opt_state=sharding.optimizer_state_shardings(self.value_optimizer, self.initial_value_params, self.mesh, sharding.LLAMA_RULES),
+            value_opt_state=sharding.optimizer_state_shardings(self.value_optimizer, self.initial_value_params, self.mesh, partitioning.LLAMA_RULES),
             kl_coef=replicated,
         )
         self.rollout = jax.jit(self._rollout_impl, static_argnames=("sampling",))
@@ -390,9 +391,9 @@ class PPOTrainer:
         return PPOState(
             step=jax.device_put(jnp.zeros((), jnp.int32), self._replicated),
             params=self.initial_params,
-            opt_state=sharding.sharded_optimizer_init(self.policy_optimizer, self.initial_params, mesh=self.mesh, rules=sharding.LLAMA_RULES),
+            opt_state=sharding.sharded_optimizer_init(self.policy_optimizer, self.initial_params, mesh=self.mesh, rules=partitioning.LLAMA_RULES),
             value_params=self.initial_value_params,
-            value_opt_state=sharding.sharded_optimizer_init(self.value_optimizer, self.initial_value_params, mesh=self.mesh, rules=sharding.LLAMA_RULES),
+            value_opt_state=sharding.sharded_optimizer_init(self.value_optimizer, self.initial_value_params, mesh=self.mesh, rules=partitioning.LLAMA_RULES),
             kl_coef=jax.device_put(jnp.asarray(self.config.ppo.kl_coef, jnp.float32), self._replicated),
         )
 
@@ -684,8 +685,8 @@ class PPOTrainer:
     def export(self, state: PPOState, directory: str) -> list[str]:
         """The policy to ``directory`` and the value model to ``<directory>_value`` (HF format)."""
         value_dir = value_export_dir(directory)
-        convert.save_hf(directory, self.policy_config, state.params, kind="causal_lm", pad_token_id=self.pad_token_id)
-        convert.save_hf(value_dir, self.value_config, state.value_params, kind="value", pad_token_id=self.pad_token_id)
+        huggingface.save_hf(directory, self.policy_config, state.params, kind="causal_lm", pad_token_id=self.pad_token_id)
+        huggingface.save_hf(value_dir, self.value_config, state.value_params, kind="value", pad_token_id=self.pad_token_id)
         return [directory, value_dir]
 
 

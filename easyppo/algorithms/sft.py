@@ -2,7 +2,7 @@
 
 Used to make a starting policy (and the reference model) for DPO and PPO. The loss is a token
 mean over the whole batch: the summed NLL divided by the number of loss tokens, aggregated exactly
-across gradient-accumulation microbatches (see easyppo.grad_accum).
+across gradient-accumulation microbatches (see easyppo.core.grad_accum).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from easyppo import ops
 from easyppo.algorithms import base
+from easyppo.core import ops
 from easyppo.models import llama
 
 NAME = "sft"

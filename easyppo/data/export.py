@@ -6,7 +6,7 @@ import json
 
 from etils import epath
 
-from easyppo import hf_io
+from easyppo.weights import hf_files
 
 
 def save_tokenizer_files(tokenizer_path: str, tokenizer, directory: str) -> list[str]:
@@ -21,7 +21,7 @@ def save_tokenizer_files(tokenizer_path: str, tokenizer, directory: str) -> list
     out = epath.Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
-        return hf_io.copy_companion_files(str(source), str(out))
+        return hf_files.copy_companion_files(str(source), str(out))
     if source.suffix == ".model":
         name, tokenizer_class = "tokenizer.model", "LlamaTokenizer"
     elif source.name.endswith(".json"):

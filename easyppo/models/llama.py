@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from easyppo.sharding import BATCH_AXES, constrain
+from easyppo.core.sharding import BATCH_AXES, constrain
 
 REMAT_POLICIES = {
     "none": None,
@@ -596,7 +596,7 @@ def make_model(config: LlamaConfig, kind: str = "causal_lm") -> nn.Module:
 
 
 def init_params(config: LlamaConfig, kind: str, rng: jax.Array, *, seq_len: int = 8) -> dict:
-    """Unsharded random parameters (tests and tiny models); see ``easyppo.sharding`` for sharded init."""
+    """Unsharded random parameters (tests and tiny models); see ``easyppo.core.sharding`` for sharded init."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return jax.jit(make_model(config, kind).init)(rng, tokens)["params"]
 

@@ -1,10 +1,10 @@
-"""The bundled demo files (demo/data), and small slices of them for fast tests."""
+"""The bundled demo files (easyppo/configs/demo_data), and small slices of them for fast tests."""
 
 from __future__ import annotations
 
 import pathlib
 
-DEMO_DATA = pathlib.Path(__file__).resolve().parents[2] / "demo" / "data"
+DEMO_DATA = pathlib.Path(__file__).resolve().parents[2] / "easyppo" / "configs" / "demo_data"
 
 
 def first_rows(src: pathlib.Path, dst: pathlib.Path, rows: int) -> str:

@@ -7,10 +7,9 @@ import pathlib
 
 import jax
 
-from easyppo import config as run_config
-from easyppo import convert
 from easyppo.models import llama
-
+from easyppo.run import config as run_config
+from easyppo.weights import huggingface
 from helpers.demo_data import DEMO_DATA, first_rows
 
 TINY = dict(pad_token_id=3, max_position_embeddings=64)
@@ -59,7 +58,7 @@ def save_peaky_policy(directory: pathlib.Path, *, logit_scale: float, seed: int 
     for key in head[:-1]:
         node = node[key]
     node[head[-1]] = node[head[-1]] * logit_scale
-    convert.save_hf(str(directory), model_config, params, kind="causal_lm")
+    huggingface.save_hf(str(directory), model_config, params, kind="causal_lm")
     return str(directory)
 
 

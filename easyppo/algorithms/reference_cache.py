@@ -40,8 +40,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from easyppo import distributed
-from easyppo.models import loading
+from easyppo.core import multihost
+from easyppo.weights import loading
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _file_listing(root: epath.Path) -> list[tuple[str, int, int]]:
 
 
 def model_identity(model_cfg: ml_collections.ConfigDict, *, seed: int) -> dict[str, Any]:
-    """What weights ``easyppo.models.loading.load_model(model_cfg, ...)`` produces, without loading them.
+    """What weights ``easyppo.weights.loading.load_model(model_cfg, ...)`` produces, without loading them.
 
     Cheap (a directory listing, no tensor is read), so a cache hit never has to load the reference
     model at all. See the module docstring for what the identity covers and why.
@@ -221,7 +221,7 @@ def load_or_compute(
     own local cache directory): ``compute`` runs collective programs, which need every host.
     """
     cached = load(cache_dir, components, shape=shape)
-    if not distributed.any_process(cached is None):
+    if not multihost.any_process(cached is None):
         logger.info("loaded cached values from %s", entry_path(cache_dir, components))
         return cached, True
     values = np.asarray(compute())

@@ -2,7 +2,7 @@
 
 This module knows the *files* of a Hugging Face checkpoint, not the model: which names live in which
 file, how to read a slice of one tensor without reading the rest, and how to write a set of tensors
-as size-capped safetensors shards with an index. ``easyppo.convert`` owns the mapping between those
+as size-capped safetensors shards with an index. ``easyppo.weights.huggingface`` owns the mapping between those
 names and easyppo's parameter tree.
 
 Reading is lazy on purpose: ``safetensors``' ``get_slice`` (and a memory-mapped ``torch.load`` for
@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors.numpy needs)
+import ml_dtypes
 import numpy as np
 
 CONFIG_FILE = "config.json"
@@ -218,7 +218,7 @@ class HFCheckpoint:
 
             handle = safe_open(path, framework="numpy")
             self._handles[file] = handle
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 sl = handle.get_slice(name)
                 dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
                 if dtype is None:

@@ -1,7 +1,7 @@
 """The run configuration: one ConfigDict assembled from every component's own defaults.
 
-Each component owns its defaults (``easyppo.models.loading.default_config``,
-``easyppo.data.pipeline.default_config``, ``easyppo.optim.default_config`` ...); this module only
+Each component owns its defaults (``easyppo.weights.loading.default_config``,
+``easyppo.data.pipeline.default_config``, ``easyppo.core.optim.default_config`` ...); this module only
 puts them side by side and adds the loop's own options. Config files in ``configs/`` start from
 ``base_config(algorithm)`` and change values; the command line changes them again
 (``--config.optim.learning_rate=1e-6``). Nothing here reads flags.
@@ -18,11 +18,11 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from easyppo import checkpoint, optim, sharding
-from easyppo import logging as metric_logging
 from easyppo.algorithms import get_algorithm
+from easyppo.core import optim, sharding
 from easyppo.data import pipeline
-from easyppo.models import loading
+from easyppo.run import metrics as metrics_lib
+from easyppo.weights import loading, run_checkpoint
 
 
 class ConfigError(ValueError):
@@ -71,8 +71,8 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.eval = eval_defaults()
     c.optim = optim.default_config()
     c.train = train_defaults()
-    c.checkpoint = checkpoint.default_config()
-    c.logging = metric_logging.default_config()
+    c.checkpoint = run_checkpoint.default_config()
+    c.logging = metrics_lib.default_config()
     c[module.NAME] = module.default_config()
     if hasattr(module, "PROGRESS_BAR_METRICS"):
         c.logging.progress_bar_metrics = module.PROGRESS_BAR_METRICS
@@ -82,7 +82,7 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Fills checkpoint and logging directories from ``output_dir`` where they are unset."""
     if not config.output_dir and not (config.checkpoint.directory and config.logging.directory):
-        raise ConfigError("output_dir", "set output_dir (or both checkpoint.directory and logging.directory)")
+        raise ConfigError("output_dir", "set output_dir (or both run_checkpoint.directory and logging.directory)")
     with config.unlocked():
         if not config.checkpoint.directory:
             config.checkpoint.directory = os.path.join(config.output_dir, "checkpoints")

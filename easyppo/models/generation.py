@@ -32,7 +32,7 @@ Prompts may be padded on either side: the cache mask records the holes and posit
 real tokens, so a left-padded batch (the layout that makes every row append at the same column)
 generates exactly what each prompt would generate alone. Every row needs at least one real token.
 
-On a mesh (``with jax.set_mesh(mesh):``, parameters sharded by ``easyppo.sharding`` rules, prompts
+On a mesh (``with jax.set_mesh(mesh):``, parameters sharded by ``easyppo.core.sharding`` rules, prompts
 split over the batch axes), the cache and the outputs are pinned to the batch axes (and the cache's
 key/value heads to ``tensor``), matching the model's own activation constraints.
 """
@@ -51,8 +51,8 @@ import ml_collections
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from easyppo.core.sharding import BATCH_AXES, constrain
 from easyppo.models import llama
-from easyppo.sharding import BATCH_AXES, constrain
 
 PyTree = Any
 

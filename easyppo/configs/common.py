@@ -1,12 +1,16 @@
-"""Settings shared by the presets in this folder (importable because config files sit beside it)."""
+"""Settings shared by the presets in this package.
+
+The demo's data (``demo_data/``, written by the repository's demo/make_data.py) ships inside the
+package, so ``easyppo train --config=sft:demo`` works after a plain ``pip install`` from any
+directory; demo outputs go to ``runs/demo/`` below the working directory the presets are built in.
+"""
 
 from __future__ import annotations
 
 import pathlib
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-DEMO_DATA = REPO / "demo" / "data"
-DEMO_RUNS = REPO / "runs" / "demo"  # every demo output, whatever the working directory
+DEMO_DATA = pathlib.Path(__file__).resolve().parent / "demo_data"
+DEMO_RUNS = pathlib.Path.cwd() / "runs" / "demo"  # absolute, so a stage finds the previous stage's output
 
 
 def apply_demo_settings(c, *, output_name: str) -> None:

@@ -1,20 +1,20 @@
-"""Device meshes, partition rules and activation constraints.
+"""Device meshes, partition-rule machinery and activation constraints, for any model.
 
 The mesh has three named axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism whose
 parameters and optimizer state are sharded too) and ``tensor`` (Megatron-style model parallelism).
 The batch dimension of activations is split over ``data`` and ``fsdp`` together.
 
 Where every array lives is decided by one ordered table of ``(regex, PartitionSpec)`` rules over
-'/'-joined parameter paths (``LLAMA_RULES``): the first rule that matches wins, and a parameter that
-no rule matches is an error naming its path, never silently replicated. Optimizer state takes the
-spec of the parameter it mirrors, so one table shards the whole train state. Parameters are born
-sharded (``sharded_init``): the initialiser runs under ``jax.jit`` with output shardings, so no
-device ever holds a full-size copy of a model that only fits when split.
+'/'-joined parameter paths (a model's table lives beside the model: ``easyppo.models.partitioning``):
+the first rule that matches wins, and a parameter that no rule matches is an error naming its path,
+never silently replicated. Optimizer state takes the spec of the parameter it mirrors, so one table
+shards the whole train state. Parameters are born sharded (``sharded_init``): the initialiser runs
+under ``jax.jit`` with output shardings, so no device ever holds a full-size copy of a model that
+only fits when split.
 
 Everything that can be checked without compiling is checked up front, with messages that name the
-config key at fault: the mesh sizes against the device count (``make_mesh``), head counts, vocab and
-widths against the mesh axes (``check_model_fits_mesh``) and batch sizes against the batch axes
-(``check_batch_fits_mesh``).
+config key at fault: the mesh sizes against the device count (``make_mesh``) and batch sizes against
+the batch axes (``check_batch_fits_mesh``). Nothing here knows a model's names.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-if TYPE_CHECKING:  # llama imports this module for ``constrain``; a runtime import would be circular
+if TYPE_CHECKING:
     import optax
-
-    from easyppo.models.llama import LlamaConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -45,31 +43,6 @@ MeshConfig = ml_collections.ConfigDict | Mapping[str, int]
 # ``nn.scan`` over the decoder stack stores every leaf below ``.../layers/`` with an extra leading
 # layer axis; rules describe one layer, so that axis is prepended, unsharded, to the rule's spec.
 SCANNED_LAYERS_PATTERN = re.compile(r"(^|/)layers/")
-
-# Megatron tensor parallelism over ``tensor`` combined with FSDP over ``fsdp``. Dense kernels are
-# (in, out):
-# * q/k/v/gate/up are column-parallel: their output features (whole heads, or a slice of the MLP
-#   width) are split over ``tensor``, so attention and the SwiGLU run without communication;
-# * o/down are row-parallel: their input features are split over ``tensor`` to match, and one
-#   reduction over ``tensor`` per block restores the full hidden state;
-# * the embedding [V, D] splits the vocabulary over ``tensor`` so that, transposed for tied
-#   embeddings, it has exactly the lm_head [D, V] layout: logits (and the chunked log-probs computed
-#   from them) are vocab-parallel either way. The lookup itself wants the table gathered over
-#   ``fsdp`` first (``constrain(table, P("tensor", None))``), leaving one all-reduce over ``tensor``;
-# * the hidden dimension D of every matrix is split over ``fsdp``: that is what shards parameters and
-#   optimizer state across the data-parallel replicas (XLA gathers each one when it is used);
-# * RMSNorm scales are tiny and replicated; the score head [D, 1] can only split D.
-LLAMA_RULES: tuple[tuple[str, P], ...] = (
-    (r"embed_tokens/embedding$", P("tensor", "fsdp")),
-    (r"self_attn/(q|k|v)_proj/kernel$", P("fsdp", "tensor")),
-    (r"self_attn/o_proj/kernel$", P("tensor", "fsdp")),
-    (r"mlp/(gate|up)_proj/kernel$", P("fsdp", "tensor")),
-    (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
-    (r"norm/scale$", P()),  # input_layernorm, post_attention_layernorm and the final norm
-    (r"(^|/)lm_head/kernel$", P("fsdp", "tensor")),
-    (r"(^|/)score/kernel$", P("fsdp", None)),
-)
-
 
 # ---------------------------------------------------------------------------------------- the mesh
 
@@ -127,33 +100,6 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     )
 
 
-def check_model_fits_mesh(model_config: LlamaConfig, mesh: Mesh) -> None:
-    """Fails, naming each config field and mesh axis at fault, if ``LLAMA_RULES`` cannot split the model.
-
-    Called before anything compiles: XLA's own error for an indivisible sharding names neither the
-    config field nor the remedy. Whole heads go to each ``tensor`` shard (so attention needs no
-    communication), hence head counts, not just ``heads * head_dim``, must divide.
-    """
-    axis_sizes = dict(mesh.shape)
-    required = (
-        ("num_attention_heads", "tensor"),
-        ("num_key_value_heads", "tensor"),
-        ("intermediate_size", "tensor"),
-        ("vocab_size", "tensor"),
-        ("hidden_size", "fsdp"),
-    )
-    problems = [
-        f"{field}={getattr(model_config, field)} is not divisible by mesh axis {axis}={axis_sizes[axis]}"
-        for field, axis in required
-        if getattr(model_config, field) % axis_sizes[axis]
-    ]
-    if problems:
-        raise ValueError(
-            "the model does not fit the mesh: " + "; ".join(problems)
-            + ". Change the mesh sizes (mesh.tensor / mesh.fsdp) or the model."
-        )
-
-
 # ----------------------------------------------------------------------------------------- rules
 
 
@@ -167,7 +113,7 @@ def _shape(leaf: Any) -> tuple[int, ...]:
 
 
 def _spec_for_path(name: str, shape: tuple[int, ...], rules: Sequence[tuple[re.Pattern, P]]) -> P:
-    for pattern, spec in rules:
+    for pattern, spec in rules:  # noqa: B007 (spec is the matched rule's, used after the loop)
         if pattern.search(name):
             break
     else:

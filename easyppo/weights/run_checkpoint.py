@@ -52,6 +52,7 @@ DATA_STATE_ITEM = "data_state"
 METADATA_ITEM = "metadata"
 CONFIG_ITEM = "config"
 CONFIG_FILENAME = "config.json"
+METADATA_FILENAME = "metadata.json"
 
 _VERSIONED_PACKAGES = ("easyppo", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -98,6 +99,10 @@ class Checkpointer:
         at the first save hours into a run.
       read_only: open someone else's checkpoints (e.g. an SFT run to initialise a policy from):
         never saves, deletes or cleans up anything in `config.directory`.
+      model_kind: what the state's ``params`` are ("causal_lm", "reward" or "value"), recorded in
+        every step's metadata so that a loader knows what a run directory holds without asking which
+        algorithm wrote it.
+      tokenizer_fingerprint: ``Tokenizer.fingerprint`` of the run's tokenizer, recorded likewise.
     """
 
     def __init__(
@@ -106,6 +111,8 @@ class Checkpointer:
         *,
         run_config: ml_collections.ConfigDict | Mapping[str, Any] | None = None,
         read_only: bool = False,
+        model_kind: str | None = None,
+        tokenizer_fingerprint: str | None = None,
     ):
         if not config.directory:
             raise ValueError("Checkpoint config key 'directory' is not set (e.g. --config.checkpoint.directory=...).")
@@ -117,6 +124,7 @@ class Checkpointer:
             )
         self._run_config = _json_compatible_config(run_config)
         self._read_only = read_only
+        self._identity = {"model_kind": model_kind, "tokenizer_fingerprint": tokenizer_fingerprint}
         self._manager = ocp.CheckpointManager(
             epath.Path(config.directory),
             options=ocp.CheckpointManagerOptions(
@@ -185,6 +193,7 @@ class Checkpointer:
         metadata = {
             "step": int(step),
             "wall_time": time.time(),
+            **self._identity,
             "versions": _library_versions(),
             "topology": {
                 "process_count": jax.process_count(),
@@ -327,6 +336,26 @@ def read_run_config(directory: str | epath.Path, step: int | None = None) -> dic
     return json.loads((epath.Path(directory) / str(step) / CONFIG_ITEM / CONFIG_FILENAME).read_text())
 
 
+def read_run_metadata(directory: str | epath.Path, step: int | None = None) -> dict[str, Any]:
+    """The metadata saved with `step` (default: the latest): step, wall time, versions, topology, and
+    (for runs since they were recorded) ``model_kind`` and ``tokenizer_fingerprint``."""
+    config = default_config()
+    config.directory = str(directory)
+    with Checkpointer(config, read_only=True) as checkpointer:
+        step = checkpointer._resolve_step(step)
+    return json.loads((epath.Path(directory) / str(step) / METADATA_ITEM / METADATA_FILENAME).read_text())
+
+
+def stored_param_names(directory: str | epath.Path, step: int | None = None) -> set[str]:
+    """The top-level names under the stored state's ``params`` (e.g. ``{"model", "lm_head"}``)."""
+    config = default_config()
+    config.directory = str(directory)
+    with Checkpointer(config, read_only=True) as checkpointer:
+        step = checkpointer._resolve_step(step)
+        stored = _leaf_shapes(checkpointer._manager.metadata(step).item_metadata[STATE_ITEM].tree)
+    return {key[1] for key in stored if len(key) > 1 and key[0] == "params"}
+
+
 def is_run_directory(directory: str | epath.Path) -> bool:
     """True when `directory` holds at least one finalised train-run checkpoint step."""
     path = epath.Path(directory)
@@ -343,7 +372,7 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     registry.add(STATE_ITEM, ocp.args.PyTreeRestore, state_handler)
     for item, filename in (
         (DATA_STATE_ITEM, "data_state.json"),
-        (METADATA_ITEM, "metadata.json"),
+        (METADATA_ITEM, METADATA_FILENAME),
         (CONFIG_ITEM, CONFIG_FILENAME),
     ):
         json_handler = ocp.JsonCheckpointHandler(filename=filename)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from easyppo.ops import safe_divide
+from easyppo.core.ops import safe_divide
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]]

@@ -4,8 +4,8 @@ Every algorithm starts its models here, so there is one answer to "where do the 
 
 * ``init_from=""``: random initialisation of ``preset`` (with any architecture overrides), born
   sharded on the mesh;
-* a Hugging Face directory (has ``config.json``): ``easyppo.convert.load_hf``;
-* an easyppo model checkpoint (has ``easyppo_model.json``): ``easyppo.convert.load_checkpoint``;
+* a Hugging Face directory (has ``config.json``): ``easyppo.weights.huggingface.load_hf``;
+* an easyppo model checkpoint (has ``easyppo_model.json``): ``easyppo.weights.model_checkpoint.load_checkpoint``;
 * a train run's checkpoint directory (Orbax steps written by the train loop): the ``params`` of its
   latest step, with the architecture taken from the run's saved config.
 
@@ -24,8 +24,9 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from easyppo import checkpoint, convert, sharding
-from easyppo.models import llama
+from easyppo.core import sharding
+from easyppo.models import llama, partitioning
+from easyppo.weights import huggingface, model_checkpoint, run_checkpoint
 
 ARCHITECTURE_OVERRIDES = (
     "vocab_size",
@@ -110,16 +111,16 @@ def _stored_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
     path = epath.Path(cfg.init_from)
     if not path.exists():
         raise FileNotFoundError(f"model.init_from={cfg.init_from!r} does not exist")
-    if (path / convert.MODEL_METADATA_FILE).exists():
-        config, _ = convert.read_checkpoint_metadata(str(path))
+    if (path / model_checkpoint.MODEL_METADATA_FILE).exists():
+        config, _ = model_checkpoint.read_checkpoint_metadata(str(path))
         return config
     if (path / "config.json").exists():
         return llama.LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-    if checkpoint.is_run_directory(path):
-        return resolve_architecture(ml_collections.ConfigDict(checkpoint.read_run_config(path)["model"]))
+    if run_checkpoint.is_run_directory(path):
+        return resolve_architecture(ml_collections.ConfigDict(run_checkpoint.read_run_config(path)["model"]))
     raise ValueError(
         f"model.init_from={cfg.init_from!r} is neither a Hugging Face directory (config.json), an easyppo "
-        f"model checkpoint ({convert.MODEL_METADATA_FILE}) nor a train run's checkpoint directory"
+        f"model checkpoint ({model_checkpoint.MODEL_METADATA_FILE}) nor a train run's checkpoint directory"
     )
 
 
@@ -129,7 +130,7 @@ def load_model(
     *,
     mesh: jax.sharding.Mesh,
     rng: jax.Array,
-    rules: sharding.PartitionRules = sharding.LLAMA_RULES,
+    rules: sharding.PartitionRules = partitioning.LLAMA_RULES,
     abstract: bool = False,
 ) -> tuple[llama.LlamaConfig, Any, dict]:
     """Builds the ``kind`` model ("causal_lm" | "reward" | "value") with sharded float params.
@@ -139,7 +140,7 @@ def load_model(
     trained models this way, since the checkpoint replaces their weights anyway.
     """
     config = resolve_architecture(cfg)
-    sharding.check_model_fits_mesh(config, mesh)
+    partitioning.check_model_fits_mesh(config, mesh)
     module = llama.make_model(config, kind)
     if abstract:
         return config, module, abstract_params(config, kind, mesh, rules)
@@ -169,7 +170,7 @@ def _initializer(config: llama.LlamaConfig, kind: str):
 
 
 def abstract_params(
-    config: llama.LlamaConfig, kind: str, mesh: jax.sharding.Mesh, rules: sharding.PartitionRules = sharding.LLAMA_RULES
+    config: llama.LlamaConfig, kind: str, mesh: jax.sharding.Mesh, rules: sharding.PartitionRules = partitioning.LLAMA_RULES
 ) -> dict:
     """Shapes, dtypes and shardings of ``kind``'s parameters for ``config``, allocating nothing."""
     shapes = jax.eval_shape(
@@ -179,29 +180,37 @@ def abstract_params(
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
+def stored_model_kind(path: str) -> str | None:
+    """What the weights at ``path`` are: "causal_lm", "reward" or "value" (None: a HF config that does not say).
+
+    The one answer for every source: an easyppo model checkpoint's metadata, a Hugging Face
+    ``config.json``'s architecture, or a run directory's checkpoint metadata. Runs from before the
+    kind was recorded are read by their tree: a ``score`` head means a reward (or value) model.
+    """
+    root = epath.Path(path)
+    if (root / model_checkpoint.MODEL_METADATA_FILE).exists():
+        return model_checkpoint.read_checkpoint_metadata(path)[1]
+    if (root / "config.json").exists():
+        return huggingface.architecture_kind(json.loads((root / "config.json").read_text()), path)
+    kind = run_checkpoint.read_run_metadata(path).get("model_kind")
+    if kind is None:
+        kind = "reward" if "score" in run_checkpoint.stored_param_names(path) else "causal_lm"
+    return kind
+
+
 def _load_weights(cfg, config, kind, mesh, rules) -> tuple[str, dict]:
     path = epath.Path(cfg.init_from)
-    if (path / convert.MODEL_METADATA_FILE).exists():
-        _, loaded_kind, params = convert.load_checkpoint(
-            str(path), mesh=mesh, rules=rules, param_dtype=cfg.param_dtype
-        )
-        return loaded_kind, _relayout(params, config)
+    stored = stored_model_kind(cfg.init_from)
+    if (path / model_checkpoint.MODEL_METADATA_FILE).exists():
+        _, _, params = model_checkpoint.load_checkpoint(str(path), mesh=mesh, rules=rules, param_dtype=cfg.param_dtype)
+        return stored, _relayout(params, config)
     if (path / "config.json").exists():
-        hf_kind = convert.architecture_kind(json.loads((path / "config.json").read_text()), str(path))
-        loaded_kind = "causal_lm" if hf_kind == "causal_lm" else kind if kind != "causal_lm" else "reward"
-        _, _, params = convert.load_hf(
-            str(path), loaded_kind, mesh=mesh, rules=rules, **_compute_settings(cfg)
-        )
+        # A sequence-classification head serves as whichever scalar model is wanted.
+        loaded_kind = "causal_lm" if stored == "causal_lm" else kind if kind != "causal_lm" else "reward"
+        _, _, params = huggingface.load_hf(str(path), loaded_kind, mesh=mesh, rules=rules, **_compute_settings(cfg))
         return loaded_kind, params
-    loaded_kind = _run_model_kind(checkpoint.read_run_config(path))
-    target = abstract_params(config, loaded_kind, mesh, rules)
-    return loaded_kind, checkpoint.restore_subtree(path, {"params": target})["params"]
-
-
-def _run_model_kind(run_config: dict) -> str:
-    from easyppo.algorithms import get_algorithm
-
-    return get_algorithm(run_config["algorithm"]).MODEL_KIND
+    target = abstract_params(config, stored, mesh, rules)
+    return stored, run_checkpoint.restore_subtree(path, {"params": target})["params"]
 
 
 def _relayout(params: dict, config: llama.LlamaConfig) -> dict:

@@ -1,6 +1,6 @@
 """Sample completions for a file of prompts, optionally scored by a reward model.
 
-    python -m easyppo.generate --checkpoint=runs/demo/sft/hf --prompts=prompts.jsonl --output=out.jsonl \\
+    easyppo generate --checkpoint=runs/demo/sft/hf --prompts=prompts.jsonl --output=out.jsonl \\
         [--tokenizer=PATH] [--chat_format=tulu|llama3|tokenizer|plain] [--reward_model=DIR] \\
         [--max_new_tokens=128] [--temperature=0.7] [--top_p=1.0] [--top_k=0] [--greedy] \\
         [--num_samples=1] [--batch_size=8] [--max_prompt_len=512] [--truncation=truncate] \\
@@ -60,7 +60,6 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -68,9 +67,8 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import jax
@@ -80,15 +78,16 @@ import tqdm
 from etils import epath
 from jax.experimental import multihost_utils
 
-from easyppo import checkpoint, convert, distributed, generation, sequences, sharding
+from easyppo.core import sharding
 from easyppo.data import pipeline
 from easyppo.data.chat import FORMAT_NAMES, ChatFormat
-from easyppo.data.errors import BadRowsError, DataConfigError, RowError
+from easyppo.data.errors import BadRowsError, DataConfigError
 from easyppo.data.examples import TRUNCATION_MODES
 from easyppo.data.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_JSON, Tokenizer
-from easyppo.models import llama, loading
+from easyppo.models import generation, llama, partitioning, sequences
+from easyppo.weights import loading, run_checkpoint
 
-logger = logging.getLogger("easyppo.generate")
+logger = logging.getLogger(__name__)
 
 DEFAULT_CHAT_FORMAT = "tulu"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -112,7 +111,7 @@ class GenerateOptions:
 
     Attributes:
       checkpoint: the policy: a Hugging Face directory, an easyppo model checkpoint or a train run's
-        checkpoint directory (anything ``easyppo.models.loading.load_model`` accepts).
+        checkpoint directory (anything ``easyppo.weights.loading.load_model`` accepts).
       prompts: prompt rows (``messages`` ending in a user turn, or a ``prompt`` string) in .jsonl /
         .json / .parquet files or globs, comma-separated.
       output: the JSONL file to write (replaced atomically at the end).
@@ -239,8 +238,8 @@ def resolve_tokenizer_source(options: GenerateOptions) -> TokenizerSource:
       OptionError: no tokenizer was given and the checkpoint neither holds nor names one.
     """
     run_data: Mapping[str, Any] = {}
-    if checkpoint.is_run_directory(options.checkpoint):
-        run_data = checkpoint.read_run_config(options.checkpoint).get("data", {})
+    if run_checkpoint.is_run_directory(options.checkpoint):
+        run_data = run_checkpoint.read_run_config(options.checkpoint).get("data", {})
     chat_format = options.chat_format or run_data.get("chat_format") or DEFAULT_CHAT_FORMAT
     if options.tokenizer:
         return TokenizerSource(options.tokenizer, chat_format, pad_id=options.pad_id, origin="--tokenizer")
@@ -311,18 +310,6 @@ def _model_config(path: str, dtype: str) -> ml_collections.ConfigDict:
     return cfg
 
 
-def stored_model_kind(path: str) -> str | None:
-    """"causal_lm" or "reward" for what ``path`` holds (None: a HF config that does not say)."""
-    root = epath.Path(path)
-    if (root / convert.MODEL_METADATA_FILE).exists():
-        return convert.read_checkpoint_metadata(path)[1]
-    if (root / "config.json").exists():
-        return convert.architecture_kind(json.loads((root / "config.json").read_text()), path)
-    from easyppo.algorithms import get_algorithm
-
-    return get_algorithm(checkpoint.read_run_config(path)["algorithm"]).MODEL_KIND
-
-
 def _resolve_model(
     flag: str, path: str, dtype: str, wanted: str
 ) -> tuple[ml_collections.ConfigDict, llama.LlamaConfig]:
@@ -336,7 +323,7 @@ def _resolve_model(
     cfg = _model_config(path, dtype)
     try:
         architecture = loading.resolve_architecture(cfg)
-        kind = stored_model_kind(path)
+        kind = loading.stored_model_kind(path)
     except (OSError, ValueError, KeyError) as e:
         raise OptionError(flag, str(e)) from e
     if kind is not None and kind != wanted:
@@ -359,7 +346,7 @@ def _check_model(flag: str, architecture: llama.LlamaConfig, tokenizer: Tokenize
             "or --max_new_tokens"
         )
     try:
-        sharding.check_model_fits_mesh(architecture, mesh)
+        partitioning.check_model_fits_mesh(architecture, mesh)
     except ValueError as e:
         raise OptionError(flag, str(e)) from e
 
@@ -582,67 +569,3 @@ def generate_file(options: GenerateOptions) -> GenerateSummary:
         prompts_per_batch=plan.data_config.global_batch_size,
         data_stats=plan.data.stats.as_dict(),
     )
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def _token(text: str) -> int | str:
-    """A special token given on the command line: an id, or a token string such as ``<unk>``."""
-    return int(text) if text.lstrip("-").isdigit() else text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The flags: one per :class:`GenerateOptions` field, with its defaults."""
-    defaults = GenerateOptions(checkpoint="", prompts="", output="")
-    parser = argparse.ArgumentParser(
-        prog="python -m easyppo.generate",
-        description="Sample completions for a file of prompts, optionally scored by a reward model.",
-    )
-    add = parser.add_argument
-    add("--checkpoint", required=True, help="HF directory, easyppo model checkpoint or train run directory")
-    add("--prompts", required=True, help="prompt rows (.jsonl / .json / .parquet, comma-separated)")
-    add("--output", required=True, help="JSONL file to write (replaced only when the run completes)")
-    add("--tokenizer", default="", help="tokenizer file or directory (default: the checkpoint's)")
-    add("--chat_format", default="", help=f"{'|'.join(FORMAT_NAMES)} (default: the run's, else tulu)")
-    add("--pad_id", type=_token, default=None, help="pad token, an id or a string (default: the tokenizer's)")
-    add("--reward_model", default="", help="a reward model to score every completion with")
-    add("--max_new_tokens", type=int, default=defaults.max_new_tokens)
-    add("--temperature", type=float, default=defaults.temperature)
-    add("--top_p", type=float, default=defaults.top_p, help="1 disables nucleus sampling")
-    add("--top_k", type=int, default=defaults.top_k, help="0 disables top-k sampling")
-    add("--greedy", action="store_true", help="argmax decoding (ignores temperature, top_p, top_k)")
-    add("--num_samples", type=int, default=defaults.num_samples, help="completions per prompt")
-    add("--batch_size", type=int, default=defaults.batch_size, help="prompts per generation call (rounded up to fit)")
-    add("--max_prompt_len", type=int, default=defaults.max_prompt_len, help="prompt budget in tokens")
-    add("--truncation", default=defaults.truncation, help=f"over-long prompts: {'|'.join(TRUNCATION_MODES)}")
-    add("--seed", type=int, default=defaults.seed)
-    add("--dtype", default=defaults.dtype, help="|".join(DTYPES))
-    add("--no_progress", dest="progress", action="store_false", help="no progress bar (none off a terminal)")
-    add("--cache_dir", default=defaults.cache_dir, help="cache of tokenised prompts")
-    add("--num_proc", type=int, default=defaults.num_proc, help="processes for tokenising the prompts")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI: returns 0 on success, 2 (after printing ``error: ...``) on bad options or prompt rows."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        distributed.initialize()  # EASYPPO_DISTRIBUTED (auto | always | never); before any other JAX call
-        summary = generate_file(GenerateOptions(**vars(args)))
-    except (OptionError, BadRowsError, RowError, distributed.DistributedConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    line = (
-        f"wrote {summary.rows} completions of {summary.prompts} prompts to {summary.output}: "
-        f"{summary.finished_fraction:.1%} finished, {summary.mean_response_tokens:.1f} tokens on average"
-    )
-    if summary.mean_score is not None:
-        line += f", mean score {summary.mean_score:.4g}"
-    print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,5 @@
 """Metric sinks for the train loop: a JSONL file always, W&B and TensorBoard when asked, a progress bar.
 
-Import it as `from easyppo import logging as metric_logging`: the name matches the standard library's
-`logging`, and absolute imports keep the two apart, but a distinct local name keeps readers from
-confusing them.
-
 Why it looks like this:
 - JSONL is the record of a run: plain text, one object per `log` call, flushed line by line (a crash
   loses at most the line being written), opened in append mode so a resumed run continues the same

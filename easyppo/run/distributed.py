@@ -43,17 +43,14 @@ import socket
 from collections.abc import Mapping
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
-logger = logging.getLogger("easyppo.distributed")
+logger = logging.getLogger(__name__)
 
 MODES = ("auto", "always", "never")
 MODE_ENV_VAR = "EASYPPO_DISTRIBUTED"
 NUM_PROCESSES_ENV_VAR = "EASYPPO_NUM_PROCESSES"
 PROCESS_ID_ENV_VAR = "EASYPPO_PROCESS_ID"
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-
 
 
 class DistributedConfigError(ValueError):
@@ -164,18 +161,6 @@ def host_line(info: ProcessInfo) -> str:
         f"{info.local_device_count} local {info.platform} devices of {info.device_count}; "
         f"jax.distributed {'on' if info.distributed else 'off'} ({info.reason})"
     )
-
-
-def any_process(flag: bool) -> bool:
-    """True on every process when ``flag`` is True on at least one.
-
-    For decisions all hosts must take at the same step, such as stopping after a SIGTERM that reached
-    some hosts a moment before the others: a host that stops alone leaves the rest waiting in a
-    collective forever. It is itself a collective, so every process must call it at the same point.
-    """
-    if jax.process_count() == 1:
-        return bool(flag)
-    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def _manual_cluster(environ: Mapping[str, str]) -> ClusterSignal | None:
