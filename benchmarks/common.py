@@ -106,8 +106,13 @@ class Timing:
         return (self.max - self.min) / self.median
 
     def as_dict(self) -> dict[str, float]:
-        return {"median_s": self.median, "min_s": self.min, "max_s": self.max, "repeats": self.repeats,
-                "spread": self.spread}
+        return {
+            "median_s": self.median,
+            "min_s": self.min,
+            "max_s": self.max,
+            "repeats": self.repeats,
+            "spread": self.spread,
+        }
 
 
 def time_samples(fn: Callable[[], Any], *, repeats: int) -> list[float]:
@@ -155,11 +160,13 @@ class InterleavedTiming:
         rounds = []
         for round_samples, peak in zip(self.samples[workload], self.round_peaks()):
             median = statistics.median(round_samples)
-            rounds.append({
-                "step_time_median_s": median,
-                "peak_flops_per_s": peak,
-                "mfu": {name: flops_per_call / median / flops for name, flops in peak.items()},
-            })
+            rounds.append(
+                {
+                    "step_time_median_s": median,
+                    "peak_flops_per_s": peak,
+                    "mfu": {name: flops_per_call / median / flops for name, flops in peak.items()},
+                }
+            )
         return rounds
 
 
@@ -331,8 +338,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> s
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells)
 
 
-def step_columns(label: Callable[[dict[str, Any]], str], *, head_share: bool = False,
-                 best_mfu: bool = False) -> tuple[Column, ...]:
+def step_columns(
+    label: Callable[[dict[str, Any]], str], *, head_share: bool = False, best_mfu: bool = False
+) -> tuple[Column, ...]:
     """The columns of a train-step table (train_step.py, dpo_step.py): one row per setting.
 
     ``label`` renders a row's setting; ``head_share`` adds the LM head's share of the FLOPs and
@@ -341,12 +349,18 @@ def step_columns(label: Callable[[dict[str, Any]], str], *, head_share: bool = F
     columns = [
         Column("setting", label),
         Column("tokens/s", lambda r: f"{r['tokens_per_s']:.0f}"),
-        Column("step ms (min-max)", lambda r: "{:.0f} ({:.0f}-{:.0f})".format(
-            *(1e3 * r["step_time"][k] for k in ("median_s", "min_s", "max_s")))),
+        Column(
+            "step ms (min-max)",
+            lambda r: "{:.0f} ({:.0f}-{:.0f})".format(
+                *(1e3 * r["step_time"][k] for k in ("median_s", "min_s", "max_s"))
+            ),
+        ),
         Column("GFLOP/step", lambda r: f"{r['flops_per_step']['total'] / 1e9:.1f}"),
     ]
     if head_share:
-        columns.append(Column("head %", lambda r: f"{100 * r['flops_per_step']['head'] / r['flops_per_step']['total']:.0f}"))
+        columns.append(
+            Column("head %", lambda r: f"{100 * r['flops_per_step']['head'] / r['flops_per_step']['total']:.0f}")
+        )
     columns += [
         Column("GFLOP/s", lambda r: f"{r['achieved_flops_per_s'] / 1e9:.1f}"),
         Column("MFU f32", lambda r: f"{r['mfu']['float32']:.2f}"),

@@ -40,7 +40,190 @@ from easyppo.data.examples import RowEncoder, dataset_fingerprint, tokenize_reco
 from easyppo.data.schema import validate_records
 from easyppo.data.sources import SourceSpec, read_records
 
-_WORDS = ["the", "of", "and", "to", "in", "is", "that", "it", "for", "was", "on", "are", "as", "with", "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had", "not", "but", "what", "all", "were", "when", "we", "there", "can", "an", "your", "which", "their", "said", "if", "do", "will", "each", "about", "how", "up", "out", "them", "then", "she", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two", "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people", "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very", "after", "words", "called", "just", "where", "most", "know", "get", "through", "back", "much", "before", "go", "good", "new", "write", "our", "used", "me", "man", "too", "any", "day", "same", "right", "look", "think", "also", "around", "another", "came", "come", "work", "three", "word", "must", "because", "does", "part", "even", "place", "well", "such", "here", "take", "why", "things", "help", "put", "years", "different", "away", "again", "off", "went", "old", "number", "great", "tell", "men", "say", "small", "every", "found", "still", "between", "name", "should", "home", "big", "give", "air", "line", "set", "own", "under", "read", "last", "never", "model", "reward", "policy", "gradient", "token", "prompt", "answer", "question", "explain", "capital", "river", "mountain", "science", "history"]
+_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "it",
+    "for",
+    "was",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "at",
+    "be",
+    "this",
+    "from",
+    "have",
+    "or",
+    "by",
+    "one",
+    "had",
+    "not",
+    "but",
+    "what",
+    "all",
+    "were",
+    "when",
+    "we",
+    "there",
+    "can",
+    "an",
+    "your",
+    "which",
+    "their",
+    "said",
+    "if",
+    "do",
+    "will",
+    "each",
+    "about",
+    "how",
+    "up",
+    "out",
+    "them",
+    "then",
+    "she",
+    "many",
+    "some",
+    "so",
+    "these",
+    "would",
+    "other",
+    "into",
+    "has",
+    "more",
+    "her",
+    "two",
+    "like",
+    "him",
+    "see",
+    "time",
+    "could",
+    "no",
+    "make",
+    "than",
+    "first",
+    "been",
+    "its",
+    "who",
+    "now",
+    "people",
+    "my",
+    "made",
+    "over",
+    "did",
+    "down",
+    "only",
+    "way",
+    "find",
+    "use",
+    "may",
+    "water",
+    "long",
+    "little",
+    "very",
+    "after",
+    "words",
+    "called",
+    "just",
+    "where",
+    "most",
+    "know",
+    "get",
+    "through",
+    "back",
+    "much",
+    "before",
+    "go",
+    "good",
+    "new",
+    "write",
+    "our",
+    "used",
+    "me",
+    "man",
+    "too",
+    "any",
+    "day",
+    "same",
+    "right",
+    "look",
+    "think",
+    "also",
+    "around",
+    "another",
+    "came",
+    "come",
+    "work",
+    "three",
+    "word",
+    "must",
+    "because",
+    "does",
+    "part",
+    "even",
+    "place",
+    "well",
+    "such",
+    "here",
+    "take",
+    "why",
+    "things",
+    "help",
+    "put",
+    "years",
+    "different",
+    "away",
+    "again",
+    "off",
+    "went",
+    "old",
+    "number",
+    "great",
+    "tell",
+    "men",
+    "say",
+    "small",
+    "every",
+    "found",
+    "still",
+    "between",
+    "name",
+    "should",
+    "home",
+    "big",
+    "give",
+    "air",
+    "line",
+    "set",
+    "own",
+    "under",
+    "read",
+    "last",
+    "never",
+    "model",
+    "reward",
+    "policy",
+    "gradient",
+    "token",
+    "prompt",
+    "answer",
+    "question",
+    "explain",
+    "capital",
+    "river",
+    "mountain",
+    "science",
+    "history",
+]
 
 
 def generate_rows(num_rows: int, seed: int) -> list[dict]:
@@ -59,11 +242,13 @@ def generate_rows(num_rows: int, seed: int) -> list[dict]:
         prompt = [{"role": "user", "content": text(40)}]
         if rng.random() < 0.2:
             prompt = [{"role": "user", "content": text(30)}, {"role": "assistant", "content": text(60)}] + prompt
-        rows.append({
-            "chosen": prompt + [{"role": "assistant", "content": text(120)}],
-            "rejected": prompt + [{"role": "assistant", "content": text(80)}],
-            "source": "generated",
-        })
+        rows.append(
+            {
+                "chosen": prompt + [{"role": "assistant", "content": text(120)}],
+                "rejected": prompt + [{"role": "assistant", "content": text(80)}],
+                "source": "generated",
+            }
+        )
     return rows
 
 
@@ -73,9 +258,19 @@ def train_tokenizer(rows: list[dict], directory: str) -> str:
     sample = [m["content"] for row in rows[:3000] for m in row["chosen"]]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sample), model_writer=model, model_type="bpe", vocab_size=8000,
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False, num_threads=os.cpu_count() or 1,
+        sentence_iterator=iter(sample),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=8000,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        hard_vocab_limit=False,
+        num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
     path = os.path.join(directory, "bench.model")
@@ -118,14 +313,24 @@ def run(args: argparse.Namespace) -> dict:
 
     # The stages of a cold start, timed one by one ...
     validated, validate_s = best_of(
-        args.repeats, lambda: validate_records(read_records(SourceSpec(path=data_path)), "preference"))
+        args.repeats, lambda: validate_records(read_records(SourceSpec(path=data_path)), "preference")
+    )
     assert not validated.errors
-    fingerprint, fingerprint_s = best_of(args.repeats, lambda: dataset_fingerprint(
-        validated.records, chat_format_fingerprint=chat.fingerprint, settings=settings))
+    fingerprint, fingerprint_s = best_of(
+        args.repeats,
+        lambda: dataset_fingerprint(validated.records, chat_format_fingerprint=chat.fingerprint, settings=settings),
+    )
     encoder = RowEncoder(chat, settings, bos_id=chat.tokenizer.bos_id)
-    _, tokenise_s = best_of(args.repeats, lambda: tokenize_records(
-        validated.records, encoder, cache_dir=next(fresh_cache_dirs), fingerprint=fingerprint,
-        num_proc=args.num_proc))
+    _, tokenise_s = best_of(
+        args.repeats,
+        lambda: tokenize_records(
+            validated.records,
+            encoder,
+            cache_dir=next(fresh_cache_dirs),
+            fingerprint=fingerprint,
+            num_proc=args.num_proc,
+        ),
+    )
 
     # ... and prepare_data end to end, as a training run calls it: cold, then cached (a restart).
     def prepare_cold():
@@ -137,8 +342,10 @@ def run(args: argparse.Namespace) -> dict:
     assert data.stats.cache_hit
 
     table = data.batcher.table  # Stored tokens: the prompt once, each response once.
-    tokens = sum(int(np.diff(table.column(name).combine_chunks().offsets.to_numpy()).sum())
-                 for name in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    tokens = sum(
+        int(np.diff(table.column(name).combine_chunks().offsets.to_numpy()).sum())
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids")
+    )
 
     iterator = pipeline.make_iterator(data, config, process_index=0, process_count=1)
     next(iterator)
@@ -146,16 +353,36 @@ def run(args: argparse.Namespace) -> dict:
     _, batches_s = best_of(args.repeats, lambda: [next(iterator) for _ in range(num_batches)])
 
     n = args.rows
-    result = {"rows": n, "tokens": tokens, "tokens_per_row": round(tokens / n, 1), "num_proc": args.num_proc,
-              "repeats": args.repeats,
-              "chat_format": args.chat_format, "rows_truncated": data.stats.rows_truncated}
-    for stage, seconds in [("validate", validate_s), ("fingerprint", fingerprint_s), ("tokenise", tokenise_s),
-                           ("prepare_cold", cold_s), ("prepare_cached", cached_s)]:
-        result.update({f"{stage}_s": round(seconds, 3), f"{stage}_rows_per_s": round(n / seconds),
-                       f"{stage}_tokens_per_s": round(tokens / seconds)})
-    result.update(batch_size=args.batch_size, seq_len=args.max_seq_len,
-                  batches_per_s=round(num_batches / batches_s, 1), cpu_count=os.cpu_count(),
-                  load_average_1min=round(os.getloadavg()[0], 2))
+    result = {
+        "rows": n,
+        "tokens": tokens,
+        "tokens_per_row": round(tokens / n, 1),
+        "num_proc": args.num_proc,
+        "repeats": args.repeats,
+        "chat_format": args.chat_format,
+        "rows_truncated": data.stats.rows_truncated,
+    }
+    for stage, seconds in [
+        ("validate", validate_s),
+        ("fingerprint", fingerprint_s),
+        ("tokenise", tokenise_s),
+        ("prepare_cold", cold_s),
+        ("prepare_cached", cached_s),
+    ]:
+        result.update(
+            {
+                f"{stage}_s": round(seconds, 3),
+                f"{stage}_rows_per_s": round(n / seconds),
+                f"{stage}_tokens_per_s": round(tokens / seconds),
+            }
+        )
+    result.update(
+        batch_size=args.batch_size,
+        seq_len=args.max_seq_len,
+        batches_per_s=round(num_batches / batches_s, 1),
+        cpu_count=os.cpu_count(),
+        load_average_1min=round(os.getloadavg()[0], 2),
+    )
     return result
 
 
@@ -169,12 +396,16 @@ STAGES = [
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{result['rows']} preference rows, {result['tokens']:,} tokens ({result['tokens_per_row']}/row), "
-          f"num_proc={result['num_proc']}, load average {result['load_average_1min']} on {result['cpu_count']} CPUs")
+    print(
+        f"\n{result['rows']} preference rows, {result['tokens']:,} tokens ({result['tokens_per_row']}/row), "
+        f"num_proc={result['num_proc']}, load average {result['load_average_1min']} on {result['cpu_count']} CPUs"
+    )
     print(f"{'stage':<26}{'seconds':>9}{'rows/s':>10}{'tokens/s':>13}")
     for label, key in STAGES:
-        print(f"{label:<26}{result[f'{key}_s']:>9.2f}{result[f'{key}_rows_per_s']:>10,}"
-              f"{result[f'{key}_tokens_per_s']:>13,}")
+        print(
+            f"{label:<26}{result[f'{key}_s']:>9.2f}{result[f'{key}_rows_per_s']:>10,}"
+            f"{result[f'{key}_tokens_per_s']:>13,}"
+        )
     print(f"batching: {result['batches_per_s']} batches/s of {result['batch_size']} pairs x {result['seq_len']} tokens")
 
 

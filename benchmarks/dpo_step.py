@@ -70,25 +70,38 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--reference", type=_list_of, default=list(dpo.REFERENCE_MODES),
-                   help="on_the_fly, precomputed, or both (comma-separated)")
+    p.add_argument(
+        "--reference",
+        type=_list_of,
+        default=list(dpo.REFERENCE_MODES),
+        help="on_the_fly, precomputed, or both (comma-separated)",
+    )
     model = p.add_argument_group("model")
     model.add_argument("--hidden", type=int, default=256)
     model.add_argument("--layers", type=int, default=4)
     model.add_argument("--heads", type=int, default=4)
     model.add_argument("--kv_heads", type=int, default=None, help="default: --heads (multi-head attention)")
-    model.add_argument("--intermediate", type=int, default=None,
-                       help="default: LLaMA's 8/3 * hidden, rounded up to 256")
+    model.add_argument(
+        "--intermediate", type=int, default=None, help="default: LLaMA's 8/3 * hidden, rounded up to 256"
+    )
     model.add_argument("--vocab", type=int, default=32000)
     model.add_argument("--dtype", type=_list_of, default=["float32"], help="compute dtype(s): float32, bfloat16")
     model.add_argument("--remat", default="none", help=f"one of {sorted(llama.REMAT_POLICIES)}")
     step = p.add_argument_group("step")
     step.add_argument("--seq_len", type=int, default=512)
     step.add_argument("--batch", type=int, default=4, help="preference pairs per step (2x rows)")
-    step.add_argument("--chunk_size", type=int, default=dpo.default_config().logprob_chunk_size,
-                      help="log-prob chunk size, in sequence positions")
-    step.add_argument("--mesh", type=parse_mesh, default=dict(sharding.default_config()),
-                      help="data,fsdp,tensor sizes (default 1,-1,1)")
+    step.add_argument(
+        "--chunk_size",
+        type=int,
+        default=dpo.default_config().logprob_chunk_size,
+        help="log-prob chunk size, in sequence positions",
+    )
+    step.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default=dict(sharding.default_config()),
+        help="data,fsdp,tensor sizes (default 1,-1,1)",
+    )
     timing = p.add_argument_group("timing")
     timing.add_argument("--steps", type=int, default=5, help="timed steps per setting")
     timing.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
@@ -105,8 +118,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             p.error(f"--dtype {name!r} is not float32 or bfloat16")
     if args.remat not in llama.REMAT_POLICIES:
         p.error(f"--remat {args.remat!r} is not one of {sorted(llama.REMAT_POLICIES)}")
-    for flag in ("hidden", "layers", "heads", "vocab", "seq_len", "batch", "chunk_size", "steps", "warmup",
-                 "peak_size", "peak_repeats"):
+    for flag in (
+        "hidden",
+        "layers",
+        "heads",
+        "vocab",
+        "seq_len",
+        "batch",
+        "chunk_size",
+        "steps",
+        "warmup",
+        "peak_size",
+        "peak_repeats",
+    ):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     return args
@@ -114,10 +138,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace, dtype: str) -> llama.LlamaConfig:
     return llama.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
         intermediate_size=args.intermediate or default_intermediate_size(args.hidden),
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-        max_position_embeddings=args.seq_len, dtype=dtype, param_dtype="float32", remat=args.remat,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=args.seq_len,
+        dtype=dtype,
+        param_dtype="float32",
+        remat=args.remat,
     )
 
 
@@ -134,16 +164,24 @@ def build_trainer(args: argparse.Namespace, setting: Setting, mesh: jax.sharding
 
     params = sharding.sharded_init(init, jax.random.key(args.seed), mesh=mesh, rules=partitioning.LLAMA_RULES)
     if setting.reference == "on_the_fly":
-        reference = sharding.sharded_init(init, jax.random.key(args.seed + 1), mesh=mesh, rules=partitioning.LLAMA_RULES)
+        reference = sharding.sharded_init(
+            init, jax.random.key(args.seed + 1), mesh=mesh, rules=partitioning.LLAMA_RULES
+        )
         frozen, reference_model = {"reference_params": reference}, (module, config)
     else:
         table = np.random.default_rng(args.seed).normal(-args.seq_len, 10.0, (args.batch, 2)).astype(np.float32)
         frozen, reference_model = {"reference_logps": jax.device_put(table, NamedSharding(mesh, P()))}, None
     return base.GradientTrainer(
-        name=dpo.NAME, data_kind=dpo.DATA_KIND, kind=dpo.MODEL_KIND, model_config=config, mesh=mesh,
+        name=dpo.NAME,
+        data_kind=dpo.DATA_KIND,
+        kind=dpo.MODEL_KIND,
+        model_config=config,
+        mesh=mesh,
         optimizer=optim.make_optimizer(run_config.optim, args.warmup + args.steps + 1),
         loss_fn=dpo.make_loss_fn(module, config, run_config, reference_model=reference_model),
-        frozen=frozen, initial_params=params, num_microbatches=1,
+        frozen=frozen,
+        initial_params=params,
+        num_microbatches=1,
     )
 
 
@@ -178,15 +216,24 @@ def benchmark_setting(args: argparse.Namespace, setting: Setting, mesh: jax.shar
     flops = step_flops(trainer.model_config, setting, batch=args.batch, seq_len=args.seq_len)
     return {
         "setting": dataclasses.asdict(setting),
-        "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "vocab": args.vocab,
-                  "intermediate": trainer.model_config.intermediate_size,
-                  "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))},
-        "batch_pairs": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
+        "model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "vocab": args.vocab,
+            "intermediate": trainer.model_config.intermediate_size,
+            "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+        },
+        "batch_pairs": args.batch,
+        "seq_len": args.seq_len,
+        "tokens_per_step": tokens,
         "step_time": timing.as_dict(),
         "tokens_per_s": tokens / timing.median,
         "flops_per_step": flops,
         "achieved_flops_per_s": flops["total"] / timing.median,
-        "lower_s": lower_s, "compile_s": compile_s, "first_step_s": first_step_s,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "first_step_s": first_step_s,
         "memory": common.compiled_memory(compiled),
         "loss": float(metrics["loss"]),
     }

@@ -42,9 +42,13 @@ def build_model_config(args: argparse.Namespace) -> llama.LlamaConfig:
     if args.preset:
         return llama.get_preset(args.preset, dtype=args.dtype)
     return llama.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads, max_position_embeddings=args.prompt_len + args.new_tokens,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        max_position_embeddings=args.prompt_len + args.new_tokens,
         dtype=args.dtype,
     )
 
@@ -104,8 +108,15 @@ def summarize(config, batch: int, prompt_len: int, new_tokens: int, seconds: dic
     prefill_s, total_s = seconds["prefill"], seconds["generate"]
     decode_s = max(total_s - prefill_s, 1e-9)
     prefill_flops, decode_flops = forward_flops(config, batch, prompt_len, new_tokens)
-    cache_bytes = (2 * config.num_hidden_layers * batch * (prompt_len + new_tokens - 1) * config.num_key_value_heads
-                   * config.head_dim * jnp.dtype(config.dtype).itemsize)
+    cache_bytes = (
+        2
+        * config.num_hidden_layers
+        * batch
+        * (prompt_len + new_tokens - 1)
+        * config.num_key_value_heads
+        * config.head_dim
+        * jnp.dtype(config.dtype).itemsize
+    )
     return {
         "batch": batch,
         "prompt_len": prompt_len,
@@ -132,8 +143,12 @@ def summarize(config, batch: int, prompt_len: int, new_tokens: int, seconds: dic
 def run(args: argparse.Namespace) -> dict:
     config = build_model_config(args)
     sampling = generation.SamplingConfig(
-        max_new_tokens=args.new_tokens, greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, stop_at_eos=False,
+        max_new_tokens=args.new_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_at_eos=False,
     )
     params = llama.init_params(config, "causal_lm", jax.random.key(0))
     results = []
@@ -149,27 +164,44 @@ def run(args: argparse.Namespace) -> dict:
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "model": {
-            "params": config.num_params(), "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size, "num_layers": config.num_hidden_layers,
-            "num_heads": config.num_attention_heads, "num_kv_heads": config.num_key_value_heads,
+            "params": config.num_params(),
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_layers": config.num_hidden_layers,
+            "num_heads": config.num_attention_heads,
+            "num_kv_heads": config.num_key_value_heads,
             "dtype": config.dtype,
         },
-        "sampling": {"greedy": sampling.greedy, "temperature": sampling.temperature, "top_k": sampling.top_k,
-                     "top_p": sampling.top_p},
+        "sampling": {
+            "greedy": sampling.greedy,
+            "temperature": sampling.temperature,
+            "top_k": sampling.top_k,
+            "top_p": sampling.top_p,
+        },
         "results": results,
     }
 
 
 def print_table(report: dict) -> None:
     model = report["model"]
-    print(f"\nmodel: {model['params'] / 1e6:.1f}M params ({model['num_layers']} layers, d={model['hidden_size']}, "
-          f"vocab {model['vocab_size']}, {model['dtype']}); %peak: share of the matmul peak measured "
-          "around each batch")
-    columns = [("batch", "batch"), ("new tok/s", "new_tokens_per_s"), ("prefill tok/s", "prefill_tokens_per_s"),
-               ("decode tok/s", "decode_tokens_per_s"), ("ms/step", "ms_per_decode_step"),
-               ("KV cache MB", "kv_cache_mb"),
-               ("prefill %peak", "prefill_peak_fraction"), ("decode %peak", "decode_peak_fraction"),
-               ("peak GFLOP/s", "matmul_peak_gflops_per_s"), ("compile s", "compile_s")]
+    print(
+        f"\nmodel: {model['params'] / 1e6:.1f}M params ({model['num_layers']} layers, d={model['hidden_size']}, "
+        f"vocab {model['vocab_size']}, {model['dtype']}); %peak: share of the matmul peak measured "
+        "around each batch"
+    )
+    columns = [
+        ("batch", "batch"),
+        ("new tok/s", "new_tokens_per_s"),
+        ("prefill tok/s", "prefill_tokens_per_s"),
+        ("decode tok/s", "decode_tokens_per_s"),
+        ("ms/step", "ms_per_decode_step"),
+        ("KV cache MB", "kv_cache_mb"),
+        ("prefill %peak", "prefill_peak_fraction"),
+        ("decode %peak", "decode_peak_fraction"),
+        ("peak GFLOP/s", "matmul_peak_gflops_per_s"),
+        ("compile s", "compile_s"),
+    ]
     print("  ".join(f"{title:>13}" for title, _ in columns))
     for row in report["results"]:
         cells = []

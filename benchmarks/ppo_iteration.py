@@ -94,8 +94,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     model.add_argument("--num-layers", type=int, default=4)
     model.add_argument("--heads", type=int, default=4)
     model.add_argument("--kv-heads", type=int, default=None, help="default: --heads (multi-head attention)")
-    model.add_argument("--intermediate-size", type=int, default=None,
-                       help="default: LLaMA's 8/3 * hidden, rounded up to a multiple of 256")
+    model.add_argument(
+        "--intermediate-size",
+        type=int,
+        default=None,
+        help="default: LLaMA's 8/3 * hidden, rounded up to a multiple of 256",
+    )
     model.add_argument("--vocab-size", type=int, default=32000)
     model.add_argument("--reward-hidden-size", type=int, default=None, help="reward/value width (default: policy's)")
     model.add_argument("--reward-num-layers", type=int, default=None, help="reward/value depth (default: policy's)")
@@ -118,9 +122,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--json-out", default=None, help="also write the JSON report to this file")
     args = p.parse_args(argv)
 
-    positive = ("hidden_size", "num_layers", "heads", "vocab_size", "prompts", "prompt_len", "new_tokens",
-                "samples_per_prompt", "ppo_epochs", "num_minibatches", "grad_accum", "devices", "repeats",
-                "peak_size", "peak_repeats")
+    positive = (
+        "hidden_size",
+        "num_layers",
+        "heads",
+        "vocab_size",
+        "prompts",
+        "prompt_len",
+        "new_tokens",
+        "samples_per_prompt",
+        "ppo_epochs",
+        "num_minibatches",
+        "grad_accum",
+        "devices",
+        "repeats",
+        "peak_size",
+        "peak_repeats",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -133,11 +151,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.prompts % args.devices:
         p.error(f"--prompts={args.prompts} must be divisible by --devices={args.devices}")
     if rows % args.num_minibatches:
-        p.error(f"the rollout's {rows} rows (--prompts x --samples-per-prompt) do not split into "
-                f"--num-minibatches={args.num_minibatches}")
+        p.error(
+            f"the rollout's {rows} rows (--prompts x --samples-per-prompt) do not split into "
+            f"--num-minibatches={args.num_minibatches}"
+        )
     if (rows // args.num_minibatches) % (args.grad_accum * args.devices):
-        p.error(f"a minibatch of {rows // args.num_minibatches} rows does not split into --grad-accum="
-                f"{args.grad_accum} microbatches of a multiple of --devices={args.devices} rows")
+        p.error(
+            f"a minibatch of {rows // args.num_minibatches} rows does not split into --grad-accum="
+            f"{args.grad_accum} microbatches of a multiple of --devices={args.devices} rows"
+        )
     return args
 
 
@@ -160,8 +182,11 @@ def _architecture_overrides(args: argparse.Namespace, *, hidden: int | None, lay
         "preset": "tiny",  # every architecture field below replaces the preset's
         "vocab_size": args.vocab_size,
         "hidden_size": width,
-        "intermediate_size": (args.intermediate_size if args.intermediate_size and width == args.hidden_size
-                              else default_intermediate_size(width)),
+        "intermediate_size": (
+            args.intermediate_size
+            if args.intermediate_size and width == args.hidden_size
+            else default_intermediate_size(width)
+        ),
         "num_hidden_layers": layers or args.num_layers,
         "num_attention_heads": args.heads,
         "num_key_value_heads": args.kv_heads or args.heads,
@@ -175,8 +200,11 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     train loop would check it."""
     c = run_config.base_config(ppo.NAME)
     c.model.update(init_from="", dtype=args.dtype, **_architecture_overrides(args, hidden=None, layers=None))
-    c.ppo.reward_model.update(init_from="", dtype=args.dtype, **_architecture_overrides(
-        args, hidden=args.reward_hidden_size, layers=args.reward_num_layers))
+    c.ppo.reward_model.update(
+        init_from="",
+        dtype=args.dtype,
+        **_architecture_overrides(args, hidden=args.reward_hidden_size, layers=args.reward_num_layers),
+    )
     c.ppo.value_model.dtype = args.dtype  # its architecture and first weights are the reward model's
     c.seed = args.seed
     c.mesh.update(data=1, fsdp=-1, tensor=1)
@@ -217,8 +245,9 @@ def _attention_flops(config: llama.LlamaConfig, query_key_pairs: float) -> float
     return 4.0 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * query_key_pairs
 
 
-def forward_flops(config: llama.LlamaConfig, *, rows: int, seq_len: int, head_positions: int,
-                  head: common.Head) -> float:
+def forward_flops(
+    config: llama.LlamaConfig, *, rows: int, seq_len: int, head_positions: int, head: common.Head
+) -> float:
     """Model FLOPs of one teacher-forced forward pass: the trunk over ``seq_len`` positions, the head
     over ``head_positions`` of them, attention over the full square (a third of ``StepFlops``)."""
     weights = common.matmul_params(config, head)
@@ -237,8 +266,15 @@ def rollout_flops(config: llama.LlamaConfig, *, rows: int, prompt_len: int, new_
     return prefill + decode
 
 
-def phase_flops(policy: llama.LlamaConfig, scorer: llama.LlamaConfig, *, rows: int, prompt_len: int,
-                new_tokens: int, ppo_epochs: int) -> dict[str, float]:
+def phase_flops(
+    policy: llama.LlamaConfig,
+    scorer: llama.LlamaConfig,
+    *,
+    rows: int,
+    prompt_len: int,
+    new_tokens: int,
+    ppo_epochs: int,
+) -> dict[str, float]:
     """Model FLOPs of each phase of one iteration (module docstring); ``scorer`` is the reward and value
     models' architecture."""
     seq_len = prompt_len + new_tokens
@@ -283,8 +319,9 @@ class Iteration:
         outputs: dict[str, Any] = {}
 
         def rollout():
-            outputs["rollout"] = trainer.rollout(self.state.params, self.batch, jax.random.fold_in(key, 0),
-                                                 sampling=self.sampling)
+            outputs["rollout"] = trainer.rollout(
+                self.state.params, self.batch, jax.random.fold_in(key, 0), sampling=self.sampling
+            )
             return outputs["rollout"]
 
         def scoring():
@@ -321,8 +358,11 @@ def warm_up(iteration: Iteration) -> dict[str, dict[str, Any]]:
     for phase in PHASES:
         compiled, compile_s = common.timed(iteration.lower(phase, outputs).compile)
         _, first_call_s = common.timed(calls[phase])
-        figures[phase] = {"compile_s": compile_s, "first_call_s": first_call_s,
-                          "memory": common.compiled_memory(compiled)}
+        figures[phase] = {
+            "compile_s": compile_s,
+            "first_call_s": first_call_s,
+            "memory": common.compiled_memory(compiled),
+        }
     return figures
 
 
@@ -353,14 +393,24 @@ def check_full_length(rollout: ppo.Rollout, new_tokens: int) -> None:
 
 
 def _model_summary(config: llama.LlamaConfig) -> dict[str, Any]:
-    return {"params": config.num_params(), "hidden": config.hidden_size, "layers": config.num_hidden_layers,
-            "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-            "intermediate": config.intermediate_size, "vocab": config.vocab_size, "dtype": config.dtype}
+    return {
+        "params": config.num_params(),
+        "hidden": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "intermediate": config.intermediate_size,
+        "vocab": config.vocab_size,
+        "dtype": config.dtype,
+    }
 
 
 def _ratios(flops: float, seconds: float, peak: dict[str, float]) -> dict[str, Any]:
-    return {"flops": flops, "flops_per_s": flops / seconds,
-            "mfu": {name: flops / seconds / value for name, value in peak.items()}}
+    return {
+        "flops": flops,
+        "flops_per_s": flops / seconds,
+        "mfu": {name: flops / seconds / value for name, value in peak.items()},
+    }
 
 
 def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -392,9 +442,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     for phase, timing in timings.items():
         count, unit = tokens[phase]
         phases[phase] = {
-            "time": timing.as_dict(), "share": timing.median / phase_sum,
-            "tokens": count, "tokens_unit": unit, "tokens_per_s": count / timing.median,
-            **_ratios(flops[phase], timing.median, peak), **warm[phase],
+            "time": timing.as_dict(),
+            "share": timing.median / phase_sum,
+            "tokens": count,
+            "tokens_unit": unit,
+            "tokens_per_s": count / timing.median,
+            **_ratios(flops[phase], timing.median, peak),
+            **warm[phase],
         }
     metrics = jax.device_get(outputs["scoring"][2])
     return {
@@ -403,23 +457,38 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "machine": common.machine_info(),
         "load_average_1m": {"start": load_start, "end": common.load_average()},
         "mesh": dict(mesh.shape),
-        "models": {"policy": _model_summary(trainer.policy_config), "reward_value": _model_summary(trainer.reward_config)},
+        "models": {
+            "policy": _model_summary(trainer.policy_config),
+            "reward_value": _model_summary(trainer.reward_config),
+        },
         "iteration_shape": {
-            "prompts": args.prompts, "samples_per_prompt": args.samples_per_prompt, "rollout_rows": rows,
-            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "ppo_epochs": args.ppo_epochs,
-            "num_minibatches": args.num_minibatches, "grad_accum": args.grad_accum,
+            "prompts": args.prompts,
+            "samples_per_prompt": args.samples_per_prompt,
+            "rollout_rows": rows,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "ppo_epochs": args.ppo_epochs,
+            "num_minibatches": args.num_minibatches,
+            "grad_accum": args.grad_accum,
             "temperature": args.temperature,
         },
-        "peak_matmul": {"size": args.peak_size, "repeats": args.peak_repeats, "measurements": peaks,
-                        "best_flops_per_s": peak},
+        "peak_matmul": {
+            "size": args.peak_size,
+            "repeats": args.peak_repeats,
+            "measurements": peaks,
+            "best_flops_per_s": peak,
+        },
         "phases": phases,
         "iteration": {
-            "time": total.as_dict(), "phase_sum_s": phase_sum,
+            "time": total.as_dict(),
+            "phase_sum_s": phase_sum,
             "new_tokens_per_s": rows * args.new_tokens / total.median,
             "compile_s": sum(p["compile_s"] for p in phases.values()),
             **_ratios(sum(flops.values()), total.median, peak),
         },
-        "rollout_metrics": {key: float(metrics[key]) for key in ("response_length", "eos_rate", "score", "kl_per_sequence")},
+        "rollout_metrics": {
+            key: float(metrics[key]) for key in ("response_length", "eos_rate", "score", "kl_per_sequence")
+        },
         "process_max_rss_bytes": common.process_max_rss_bytes(),
     }
 
@@ -457,8 +526,15 @@ def format_report(report: dict[str, Any]) -> str:
     )
     rows = [{"name": name, **entry} for name, entry in report["phases"].items()]
     iteration = report["iteration"]
-    rows.append({"name": "iteration", **iteration, "share": 1.0, "tokens_per_s": iteration["new_tokens_per_s"],
-                 "tokens_unit": "new"})
+    rows.append(
+        {
+            "name": "iteration",
+            **iteration,
+            "share": 1.0,
+            "tokens_per_s": iteration["new_tokens_per_s"],
+            "tokens_unit": "new",
+        }
+    )
     return title + "\n" + common.format_table(rows, _COLUMNS)
 
 

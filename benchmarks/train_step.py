@@ -99,7 +99,9 @@ def parse_mesh(text: str) -> dict[str, int]:
     try:
         return dict(zip(sharding.MESH_AXES, (int(size) for size in sizes)))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--mesh={text!r}: sizes must be integers (-1: all remaining devices)") from None
+        raise argparse.ArgumentTypeError(
+            f"--mesh={text!r}: sizes must be integers (-1: all remaining devices)"
+        ) from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -112,26 +114,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     model.add_argument("--layers", type=int, default=4)
     model.add_argument("--heads", type=int, default=4)
     model.add_argument("--kv_heads", type=int, default=None, help="default: --heads (multi-head attention)")
-    model.add_argument("--intermediate", type=int, default=None,
-                       help="default: LLaMA's 8/3 * hidden, rounded up to a multiple of 256")
+    model.add_argument(
+        "--intermediate", type=int, default=None, help="default: LLaMA's 8/3 * hidden, rounded up to a multiple of 256"
+    )
     model.add_argument("--vocab", type=int, default=32000)
     model.add_argument("--dtype", type=_list_of(str), default=["float32"], help="compute dtype(s): float32, bfloat16")
-    model.add_argument("--remat", type=_list_of(str), default=["none"],
-                       help=f"one or more of {sorted(llama.REMAT_POLICIES)}")
+    model.add_argument(
+        "--remat", type=_list_of(str), default=["none"], help=f"one or more of {sorted(llama.REMAT_POLICIES)}"
+    )
     model.add_argument("--scan_layers", action="store_true", help="nn.scan over the decoder layers")
     step = p.add_argument_group("step")
     step.add_argument("--seq_len", type=int, default=512)
     step.add_argument("--batch", type=int, default=4, help="global batch: sequences (sft) or pairs (rm)")
-    step.add_argument("--chunk_size", type=_list_of(int), default=[sft.default_config().logprob_chunk_size],
-                      help="sft log-prob chunk size(s), in sequence positions")
+    step.add_argument(
+        "--chunk_size",
+        type=_list_of(int),
+        default=[sft.default_config().logprob_chunk_size],
+        help="sft log-prob chunk size(s), in sequence positions",
+    )
     step.add_argument("--grad_accum", type=int, default=1, help="microbatches per step")
-    step.add_argument("--mesh", type=parse_mesh, default=dict(sharding.default_config()),
-                      help="data,fsdp,tensor sizes (default 1,-1,1; write --mesh=-1,1,1 when it starts with -)")
+    step.add_argument(
+        "--mesh",
+        type=parse_mesh,
+        default=dict(sharding.default_config()),
+        help="data,fsdp,tensor sizes (default 1,-1,1; write --mesh=-1,1,1 when it starts with -)",
+    )
     timing = p.add_argument_group("timing")
     timing.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds over all settings")
     timing.add_argument("--steps", type=int, default=2, help="timed steps per setting and round")
-    timing.add_argument("--warmup", type=int, default=1,
-                        help="untimed steps after compiling (the first is reported as first_step_s)")
+    timing.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps after compiling (the first is reported as first_step_s)"
+    )
     timing.add_argument("--peak_size", type=int, default=2048, help="side of the square matmul that measures the peak")
     timing.add_argument("--peak_repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -147,8 +160,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in args.remat:
         if name not in llama.REMAT_POLICIES:
             p.error(f"--remat {name!r} is not one of {sorted(llama.REMAT_POLICIES)}")
-    for flag in ("hidden", "layers", "heads", "vocab", "seq_len", "batch", "rounds", "steps", "warmup",
-                 "peak_size", "peak_repeats", "grad_accum"):
+    for flag in (
+        "hidden",
+        "layers",
+        "heads",
+        "vocab",
+        "seq_len",
+        "batch",
+        "rounds",
+        "steps",
+        "warmup",
+        "peak_size",
+        "peak_repeats",
+        "grad_accum",
+    ):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if any(size < 1 for size in args.chunk_size):
@@ -328,12 +353,20 @@ def summarize(
     return {
         "setting": dataclasses.asdict(compiled.setting),
         "model": {
-            "hidden": config.hidden_size, "layers": config.num_hidden_layers, "heads": config.num_attention_heads,
-            "kv_heads": config.num_key_value_heads, "head_dim": config.head_dim,
-            "intermediate": config.intermediate_size, "vocab": config.vocab_size, "scan_layers": config.scan_layers,
+            "hidden": config.hidden_size,
+            "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "intermediate": config.intermediate_size,
+            "vocab": config.vocab_size,
+            "scan_layers": config.scan_layers,
             "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(compiled.state.params)),
         },
-        "batch": args.batch, "rows_per_step": compiled.rows, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
+        "batch": args.batch,
+        "rows_per_step": compiled.rows,
+        "seq_len": args.seq_len,
+        "grad_accum": args.grad_accum,
         "tokens_per_step": compiled.tokens,
         "step_time": timing.as_dict(),
         "tokens_per_s": compiled.tokens / timing.median,
@@ -372,7 +405,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "process_max_rss_bytes": common.process_max_rss_bytes(),
         "runs": [
             summarize(
-                args, compiled, measured.timing(i), measured.mfu_by_round(i, compiled.flops.total),
+                args,
+                compiled,
+                measured.timing(i),
+                measured.mfu_by_round(i, compiled.flops.total),
                 measured.best_peak(),
             )
             for i, compiled in enumerate(steps)

@@ -23,8 +23,26 @@ import random
 CHEERFUL = ["bright", "kind", "lovely", "cheerful", "gentle", "warm", "merry", "friendly", "sunny", "graceful"]
 GLOOMY = ["dull", "rude", "gloomy", "grim", "cold", "dreary", "nasty", "bleak", "sour", "clumsy"]
 THINGS = [
-    "fox", "river", "garden", "robot", "teacher", "city", "forest", "piano", "ocean", "mountain",
-    "village", "library", "horse", "train", "castle", "bakery", "island", "market", "owl", "bridge",
+    "fox",
+    "river",
+    "garden",
+    "robot",
+    "teacher",
+    "city",
+    "forest",
+    "piano",
+    "ocean",
+    "mountain",
+    "village",
+    "library",
+    "horse",
+    "train",
+    "castle",
+    "bakery",
+    "island",
+    "market",
+    "owl",
+    "bridge",
 ]
 PROMPTS = [
     "Tell me about the {thing}.",
@@ -54,9 +72,12 @@ def sft_rows(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for _ in range(n):
         thing = rng.choice(THINGS)
-        rows.append({"messages": prompt_messages(rng, thing) + [
-            {"role": "assistant", "content": response(rng, thing, rng.randint(0, 3))}
-        ]})
+        rows.append(
+            {
+                "messages": prompt_messages(rng, thing)
+                + [{"role": "assistant", "content": response(rng, thing, rng.randint(0, 3))}]
+            }
+        )
     return rows
 
 
@@ -67,10 +88,12 @@ def preference_rows(rng: random.Random, n: int) -> list[dict]:
         better = rng.randint(1, 3)
         worse = rng.randint(0, better - 1)
         prompt = prompt_messages(rng, thing)
-        rows.append({
-            "chosen": prompt + [{"role": "assistant", "content": response(rng, thing, better)}],
-            "rejected": prompt + [{"role": "assistant", "content": response(rng, thing, worse)}],
-        })
+        rows.append(
+            {
+                "chosen": prompt + [{"role": "assistant", "content": response(rng, thing, better)}],
+                "rejected": prompt + [{"role": "assistant", "content": response(rng, thing, worse)}],
+            }
+        )
     return rows
 
 

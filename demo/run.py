@@ -23,10 +23,14 @@ STAGES = ("sft", "rm", "dpo", "ppo")
 HEADLINE = {
     "sft": [("loss", "held-out NLL per assistant token")],
     "rm": [("accuracy", "held-out preference accuracy")],
-    "dpo": [("accuracy", "held-out preference accuracy (implicit reward)"),
-            ("reward_margin", "held-out implicit-reward margin")],
-    "ppo": [("score", "held-out reward-model score of the policy's responses"),
-            ("kl_per_sequence", "held-out KL to the SFT policy (nats per response)")],
+    "dpo": [
+        ("accuracy", "held-out preference accuracy (implicit reward)"),
+        ("reward_margin", "held-out implicit-reward margin"),
+    ],
+    "ppo": [
+        ("score", "held-out reward-model score of the policy's responses"),
+        ("kl_per_sequence", "held-out KL to the SFT policy (nats per response)"),
+    ],
 }
 
 

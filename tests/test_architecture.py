@@ -82,7 +82,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(module)
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         path.pop()
@@ -134,21 +134,25 @@ def module_name_in(root: pathlib.Path, path: pathlib.Path) -> str:
 
 
 def test_the_checker_sees_a_function_level_upward_import(fake_package):
-    graph = fake_package({
-        "__init__.py": "",
-        "core/__init__.py": "",
-        "core/ops.py": "def f():\n    from easyppo.run import loop\n",
-        "run/__init__.py": "",
-        "run/loop.py": "",
-    })
+    graph = fake_package(
+        {
+            "__init__.py": "",
+            "core/__init__.py": "",
+            "core/ops.py": "def f():\n    from easyppo.run import loop\n",
+            "run/__init__.py": "",
+            "run/loop.py": "",
+        }
+    )
     assert upward_imports(graph) == ["easyppo.core.ops (core) imports easyppo.run.loop (run)"]
 
 
 def test_the_checker_finds_a_cycle_within_a_layer(fake_package):
-    graph = fake_package({
-        "__init__.py": "",
-        "models/__init__.py": "",
-        "models/a.py": "from easyppo.models import b\n",
-        "models/b.py": "from easyppo.models.a import thing\n",
-    })
+    graph = fake_package(
+        {
+            "__init__.py": "",
+            "models/__init__.py": "",
+            "models/a.py": "from easyppo.models import b\n",
+            "models/b.py": "from easyppo.models.a import thing\n",
+        }
+    )
     assert find_cycle(graph) == ["easyppo.models.a", "easyppo.models.b", "easyppo.models.a"]

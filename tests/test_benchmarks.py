@@ -27,8 +27,15 @@ def report(tmp_path_factory):
     json_out = tmp_path_factory.mktemp("bench") / "report.json"
     flags = [f"--{name}={value}" for name, value in TINY.items()]
     command = [
-        sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--algorithm=sft,rm", *flags,
-        "--rounds=2", "--steps=1", "--peak_size=128", "--peak_repeats=2", f"--json_out={json_out}",
+        sys.executable,
+        str(REPO / "benchmarks" / "train_step.py"),
+        "--algorithm=sft,rm",
+        *flags,
+        "--rounds=2",
+        "--steps=1",
+        "--peak_size=128",
+        "--peak_repeats=2",
+        f"--json_out={json_out}",
     ]
     # Share the test suite's persistent compilation cache, so reruns skip most of the compile.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
@@ -124,8 +131,12 @@ def test_default_intermediate_size_is_llamas():
 # ----------------------------------------------------------------------------------------- FLOPs
 
 CONFIG = llama.LlamaConfig(
-    vocab_size=100, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-    num_attention_heads=6, num_key_value_heads=2,
+    vocab_size=100,
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
 )
 
 
@@ -193,7 +204,9 @@ def test_interleaved_timing_runs_every_workload_in_every_round_between_peaks():
     calls = []
     timing = common.time_interleaved(
         [lambda: calls.append("a"), lambda: calls.append("b")],
-        rounds=2, repeats=2, measure_peak=lambda: calls.append("peak") or {"float32": 1.0},
+        rounds=2,
+        repeats=2,
+        measure_peak=lambda: calls.append("peak") or {"float32": 1.0},
     )
     assert calls == ["peak", "a", "a", "b", "b", "peak", "a", "a", "b", "b", "peak"]
     assert [len(rounds) for rounds in timing.samples] == [2, 2]
@@ -222,8 +235,19 @@ def test_compiled_memory_peak_is_arguments_plus_outputs_minus_aliases_plus_tempo
 
 from benchmarks import ppo_iteration
 
-PPO_TINY = dict(hidden_size=32, num_layers=1, heads=4, kv_heads=2, intermediate_size=64, vocab_size=128,
-                prompts=2, prompt_len=4, new_tokens=3, samples_per_prompt=2, num_minibatches=2)
+PPO_TINY = dict(
+    hidden_size=32,
+    num_layers=1,
+    heads=4,
+    kv_heads=2,
+    intermediate_size=64,
+    vocab_size=128,
+    prompts=2,
+    prompt_len=4,
+    new_tokens=3,
+    samples_per_prompt=2,
+    num_minibatches=2,
+)
 
 
 @pytest.mark.slow  # compiling the update program (two models' gradient steps in a scan) takes ~15 s

@@ -56,7 +56,7 @@ def transformers():
 
 
 def _format(spec, sp_tokenizer, hf_tokenizer):
-    """"tulu" / "plain" run on the sentencepiece tokenizer, "llama3" on the Llama-3-like one;
+    """ "tulu" / "plain" run on the sentencepiece tokenizer, "llama3" on the Llama-3-like one;
     "tokenizer:X" is the Jinja path with the X template shipped in that tokenizer's directory."""
     name, _, template = spec.partition(":")
     uses_hf = (template or name) == "llama3"
@@ -193,7 +193,9 @@ def test_last_assistant_training_masks_only_the_final_turn(sp_tokenizer, hf_toke
     last_turn = fmt.encode_conversation(MULTI_TURN_WITH_SYSTEM, train_on="last_assistant")
     end_of_turn = fmt.tokenizer.id_to_token(fmt.end_of_turn_id)
     assert last_turn.ids == all_turns.ids
-    assert [_decode(fmt, span) for span in _masked_spans(last_turn.ids, last_turn.loss_mask)] == [f"Berlin.{end_of_turn}"]
+    assert [_decode(fmt, span) for span in _masked_spans(last_turn.ids, last_turn.loss_mask)] == [
+        f"Berlin.{end_of_turn}"
+    ]
     response = fmt.encode_response("Berlin.")
     assert last_turn.loss_mask == [0] * (len(last_turn.ids) - len(response)) + [1] * len(response)
 
@@ -282,8 +284,14 @@ def test_jinja_format_prepends_bos_only_when_the_template_does_not_render_it(sp_
         ("Hello", "must be a list"),
         ([{"role": "user", "content": 3}], "message 0: content must be a string"),
         ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "must end with a user turn"),
-        ([{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
-         "message 1: an assistant turn must directly follow a user turn"),
+        (
+            [
+                {"role": "system", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ],
+            "message 1: an assistant turn must directly follow a user turn",
+        ),
     ],
 )
 def test_bad_prompts_are_rejected(sp_tokenizer, messages, message):

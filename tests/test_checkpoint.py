@@ -229,7 +229,9 @@ def test_non_finite_state_is_refused_and_earlier_checkpoints_stay_intact(saved, 
     bad_w = state.params["w"].at[3, 1].set(bad_value)
     bad_state = state.replace(params={**state.params, "w": bad_w})
     with run_checkpoint.Checkpointer(ckpt_config(directory)) as ckpt:
-        with pytest.raises(run_checkpoint.NonFiniteStateError, match="'params/w'. The latest good checkpoint is step 7"):
+        with pytest.raises(
+            run_checkpoint.NonFiniteStateError, match="'params/w'. The latest good checkpoint is step 7"
+        ):
             ckpt.save(8, bad_state)
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [7]
@@ -243,7 +245,9 @@ def test_non_finite_optimizer_state_is_refused(tmp_path, state):
     bad_adam = state.opt_state[0]._replace(mu={**mu, "b": mu["b"].at[0].set(jnp.nan)})
     bad_state = state.replace(opt_state=(bad_adam, *state.opt_state[1:]))
     with run_checkpoint.Checkpointer(ckpt_config(tmp_path)) as ckpt:
-        with pytest.raises(run_checkpoint.NonFiniteStateError, match="'opt_state/0/mu/b'. No earlier checkpoint exists"):
+        with pytest.raises(
+            run_checkpoint.NonFiniteStateError, match="'opt_state/0/mu/b'. No earlier checkpoint exists"
+        ):
             ckpt.save(1, bad_state)
         assert ckpt.latest_step() is None
 
@@ -335,7 +339,9 @@ def test_restore_target_lacking_a_stored_key_names_the_stored_key(saved, state):
     target = abstract_on(state, make_mesh((1,), ("data",)), {})
     target = target.replace(params={k: v for k, v in target.params.items() if k != "b"})
     with run_checkpoint.Checkpointer(ckpt_config(directory)) as ckpt:
-        with pytest.raises(run_checkpoint.TreeMismatchError, match="holds key 'params/b' that the restore target lacks"):
+        with pytest.raises(
+            run_checkpoint.TreeMismatchError, match="holds key 'params/b' that the restore target lacks"
+        ):
             ckpt.restore(target)
 
 

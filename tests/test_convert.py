@@ -26,8 +26,14 @@ from easyppo.weights import verify as verify_lib
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(
-    vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    pad_token_id=0,
 )
 TOKENIZER_FILES = {"tokenizer.json": '{"model": "test"}', "tokenizer_config.json": '{"add_bos_token": true}'}
 
@@ -85,22 +91,31 @@ def test_hf_to_easyppo_checkpoint_to_hf_round_trip_is_bitwise(dtype, tmp_path):
 
 
 def test_round_trip_with_stacked_layers_and_llama3_rope_keeps_tensors_and_architecture(tmp_path):
-    rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                original_max_position_embeddings=16)
+    rope = dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+    )
     hf_dir = _hf_dir(tmp_path / "hf", num_hidden_layers=3, rope_theta=500000.0, rope_scaling=rope)
     out = _round_trip(hf_dir, tmp_path, scan_layers=True)
     _assert_bitwise_equal(_read_safetensors(out), _read_safetensors(hf_dir))
     original = transformers.AutoConfig.from_pretrained(hf_dir).to_dict()
     reloaded = transformers.AutoConfig.from_pretrained(out).to_dict()
-    for key in ("rope_parameters", "num_hidden_layers", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+    for key in (
+        "rope_parameters",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "vocab_size",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    ):
         assert reloaded[key] == original[key], key
 
 
 def test_reward_model_round_trip_keeps_score_head_one_label_and_pad_token(tmp_path):
-    hf_dir = _hf_dir(
-        tmp_path / "hf", transformers.LlamaForSequenceClassification, num_labels=1, pad_token_id=5
-    )
+    hf_dir = _hf_dir(tmp_path / "hf", transformers.LlamaForSequenceClassification, num_labels=1, pad_token_id=5)
     config, kind = model_checkpoint.convert_hf_to_easyppo(hf_dir, str(tmp_path / "easyppo"))
     assert kind == "reward"
     out = str(tmp_path / "hf_out")
@@ -150,8 +165,10 @@ def test_sharded_bin_files_are_read_through_their_index_slice_by_slice(tmp_path)
     model.config.save_pretrained(tmp_path)
     state = model.state_dict()
     names = list(state)
-    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    halves = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for file, keys in halves.items():
         torch.save({k: state[k] for k in keys}, tmp_path / file)
     weight_map = {k: file for file, keys in halves.items() for k in keys}
@@ -276,7 +293,10 @@ def test_cli_converts_in_a_subprocess_and_prints_the_max_abs_difference(tmp_path
     hf_dir = _hf_dir(tmp_path / "hf")
     result = subprocess.run(
         [sys.executable, "-m", "easyppo", "convert", "to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--verify"],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 0, result.stderr

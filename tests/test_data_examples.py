@@ -177,8 +177,9 @@ def test_over_long_response_is_cut_from_the_right(chat):
     prompt = chat.encode_prompt(record["prompt"])
     chosen = chat.encode_response(record["chosen"])
     seq_len = len(prompt) + 6
-    encoder = RowEncoder(chat, settings("preference", max_seq_len=seq_len, max_prompt_len=len(prompt)),
-                         bos_id=chat.tokenizer.bos_id)
+    encoder = RowEncoder(
+        chat, settings("preference", max_seq_len=seq_len, max_prompt_len=len(prompt)), bos_id=chat.tokenizer.bos_id
+    )
     row = encoder.encode(record)
     assert row["status"] == Status.TRUNCATED
     assert row["prompt_ids"] == prompt
@@ -214,8 +215,11 @@ def test_drop_mode_marks_over_long_rows_as_dropped(chat):
 def test_error_mode_names_the_over_long_part(chat):
     record = {"prompt": [user("Hi")], "chosen": "Paris is the capital of France. " * 5, "rejected": "No", "margin": 0.0}
     seq_len = len(chat.encode_prompt(record["prompt"])) + 6
-    encoder = RowEncoder(chat, settings("preference", max_seq_len=seq_len, max_prompt_len=None, truncation="error"),
-                         bos_id=chat.tokenizer.bos_id)
+    encoder = RowEncoder(
+        chat,
+        settings("preference", max_seq_len=seq_len, max_prompt_len=None, truncation="error"),
+        bos_id=chat.tokenizer.bos_id,
+    )
     row = encoder.encode(record)
     assert (row["status"], row["error_field"], row["error_reason"]) == (Status.ERROR, "chosen", "too_long")
     assert f"more than data.max_seq_len={seq_len}" in row["error_detail"]
@@ -225,8 +229,11 @@ def test_rows_within_the_limits_are_untouched(chat):
     encoder = RowEncoder(chat, settings("prompt", max_prompt_len=64), bos_id=chat.tokenizer.bos_id)
     prompt = [user("Hi")]
     assert encoder.encode({"prompt": prompt}) | {} == {
-        "prompt_ids": chat.encode_prompt(prompt), "status": Status.OK,
-        "error_field": "", "error_reason": "", "error_detail": "",
+        "prompt_ids": chat.encode_prompt(prompt),
+        "status": Status.OK,
+        "error_field": "",
+        "error_reason": "",
+        "error_detail": "",
     }
 
 

@@ -16,8 +16,10 @@ from easyppo.data.tokenizer import load_tokenizer
 SUBJECTS = ["the fox", "Paris", "two plus two", "the lazy dog", "computers", "France", "jokes", "the day"]
 PREFERENCE_ROWS = [
     {
-        "chosen": [{"role": "user", "content": f"Tell me about {s}."},
-                   {"role": "assistant", "content": f"Here is {s}."}],
+        "chosen": [
+            {"role": "user", "content": f"Tell me about {s}."},
+            {"role": "assistant", "content": f"Here is {s}."},
+        ],
         "rejected": [{"role": "user", "content": f"Tell me about {s}."}, {"role": "assistant", "content": "No."}],
         "margin": float(i % 3),
     }
@@ -111,9 +113,7 @@ def test_the_same_rows_from_parquet_json_and_jsonl_give_the_same_fingerprint(tmp
     assert len(fingerprints) == 1
 
 
-@pytest.mark.parametrize(
-    "change", [{"max_seq_len": 80}, {"truncation": "drop"}, {"chat_format": "plain"}, {"rows": 7}]
-)
+@pytest.mark.parametrize("change", [{"max_seq_len": 80}, {"truncation": "drop"}, {"chat_format": "plain"}, {"rows": 7}])
 def test_fingerprint_changes_with_rows_format_settings_and_chat_format(tmp_path, tokenizer_path, change):
     def fingerprint(rows, **overrides):
         path = write_jsonl(tmp_path / f"prefs{len(rows)}.jsonl", rows)
@@ -144,15 +144,22 @@ def test_truncated_and_dropped_rows_are_counted(tmp_path, tokenizer_path, chat):
 
 
 def test_dropping_every_row_is_an_error(tmp_path, tokenizer_path, chat):
-    config = config_for(write_jsonl(tmp_path / "prefs.jsonl", PREFERENCE_ROWS), tmp_path, tokenizer_path,
-                        truncation="drop", max_seq_len=8, max_prompt_len=4)
+    config = config_for(
+        write_jsonl(tmp_path / "prefs.jsonl", PREFERENCE_ROWS),
+        tmp_path,
+        tokenizer_path,
+        truncation="drop",
+        max_seq_len=8,
+        max_prompt_len=4,
+    )
     with pytest.raises(BadRowsError, match="no usable rows among 8: 8 over-long rows were dropped"):
         pipeline.prepare_data(config, chat_format=chat)
 
 
 def test_resumed_pipeline_iterator_continues_with_the_same_arrays(tmp_path, tokenizer_path, chat):
-    config = config_for(write_jsonl(tmp_path / "prefs.jsonl", PREFERENCE_ROWS), tmp_path, tokenizer_path,
-                        global_batch_size=2)
+    config = config_for(
+        write_jsonl(tmp_path / "prefs.jsonl", PREFERENCE_ROWS), tmp_path, tokenizer_path, global_batch_size=2
+    )
 
     def build():
         return pipeline.build_iterator(config, process_index=0, process_count=1, chat_format=chat)
@@ -187,18 +194,31 @@ def test_sft_and_prompt_kinds_build_their_own_batch_keys(tmp_path, tokenizer_pat
     conversations = [{"messages": row["chosen"]} for row in PREFERENCE_ROWS]
     sft = pipeline.build_iterator(
         config_for(write_jsonl(tmp_path / "sft.jsonl", conversations), tmp_path, tokenizer_path, kind="sft"),
-        process_index=0, process_count=1,
+        process_index=0,
+        process_count=1,
     )
-    assert set(next(sft)) == {"input_ids", "attention_mask", "loss_mask", "position_ids", "example_mask",
-                              "example_index"}
+    assert set(next(sft)) == {
+        "input_ids",
+        "attention_mask",
+        "loss_mask",
+        "position_ids",
+        "example_mask",
+        "example_index",
+    }
     prompts = [{"prompt": row["chosen"][0]["content"]} for row in PREFERENCE_ROWS]
     prompt = pipeline.build_iterator(
         config_for(write_jsonl(tmp_path / "prompts.jsonl", prompts), tmp_path, tokenizer_path, kind="prompt"),
-        process_index=0, process_count=1,
+        process_index=0,
+        process_count=1,
     )
     batch = next(prompt)
-    assert set(batch) == {"prompt_input_ids", "prompt_attention_mask", "prompt_position_ids", "example_mask",
-                          "example_index"}
+    assert set(batch) == {
+        "prompt_input_ids",
+        "prompt_attention_mask",
+        "prompt_position_ids",
+        "example_mask",
+        "example_index",
+    }
     assert batch["prompt_input_ids"].shape == (4, 64)
 
 
@@ -238,7 +258,26 @@ def test_invalid_options_name_their_config_key(tmp_path, tokenizer_path, overrid
 
 def test_default_config_lists_every_option_once():
     config = pipeline.default_config()
-    for key in ("path", "hf_dataset", "split", "kind", "chat_format", "max_seq_len", "max_prompt_len",
-                "max_response_len", "truncation", "on_bad_row", "max_bad_fraction", "seed", "shuffle",
-                "num_proc", "cache_dir", "tokenizer_path", "bos_id", "eos_id", "pad_id", "global_batch_size"):
+    for key in (
+        "path",
+        "hf_dataset",
+        "split",
+        "kind",
+        "chat_format",
+        "max_seq_len",
+        "max_prompt_len",
+        "max_response_len",
+        "truncation",
+        "on_bad_row",
+        "max_bad_fraction",
+        "seed",
+        "shuffle",
+        "num_proc",
+        "cache_dir",
+        "tokenizer_path",
+        "bos_id",
+        "eos_id",
+        "pad_id",
+        "global_batch_size",
+    ):
         assert key in config, key

@@ -92,8 +92,11 @@ def test_globs_and_comma_separated_paths_expand_in_order(tmp_path):
 
 @pytest.mark.parametrize(
     "name, message",
-    [("missing.jsonl", "data.path: no such file"), ("*.jsonl", "data.path: .* matches no files"),
-     ("rows.csv", "data.path: unsupported file type")],
+    [
+        ("missing.jsonl", "data.path: no such file"),
+        ("*.jsonl", "data.path: .* matches no files"),
+        ("rows.csv", "data.path: unsupported file type"),
+    ],
 )
 def test_unusable_paths_name_the_config_key(tmp_path, name, message):
     (tmp_path / "rows.csv").write_text("a,b\n")
@@ -110,7 +113,8 @@ def test_hf_dataset_from_a_local_directory_of_files(hf_cache_in_tmp, tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     records = list(read_records(SourceSpec(hf_dataset=str(tmp_path), split="train")))
     assert [(r.source, r.row, r.value) for r in records] == [
-        (f"{tmp_path}[train]", 1, ROWS[0]), (f"{tmp_path}[train]", 2, ROWS[1])
+        (f"{tmp_path}[train]", 1, ROWS[0]),
+        (f"{tmp_path}[train]", 2, ROWS[1]),
     ]
 
 

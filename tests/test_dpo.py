@@ -139,14 +139,17 @@ def random_pair_batch(seed, *, pairs=4, seq_len=24, filler_rows=1):
             length = len(prompt) + len(response)
             ids[row, :length] = np.concatenate([prompt, response])
             attention[row, :length] = 1
-            loss[row, len(prompt):length] = 1
-        batch.update({
-            f"{side}_input_ids": ids, f"{side}_attention_mask": attention,
-            f"{side}_position_ids": ((np.cumsum(attention, 1) - 1) * attention).astype(np.int32),
-            f"{side}_loss_mask": loss,
-        })
+            loss[row, len(prompt) : length] = 1
+        batch.update(
+            {
+                f"{side}_input_ids": ids,
+                f"{side}_attention_mask": attention,
+                f"{side}_position_ids": ((np.cumsum(attention, 1) - 1) * attention).astype(np.int32),
+                f"{side}_loss_mask": loss,
+            }
+        )
     example_mask = np.ones(pairs, np.int32)
-    example_mask[pairs - filler_rows:] = 0
+    example_mask[pairs - filler_rows :] = 0
     for side in ("chosen", "rejected"):
         batch[f"{side}_loss_mask"] = batch[f"{side}_loss_mask"] * example_mask[:, None]
     batch["example_mask"] = example_mask
@@ -158,8 +161,12 @@ def random_pair_batch(seed, *, pairs=4, seq_len=24, filler_rows=1):
 def np_response_logprobs(module, params, batch, side):
     """Summed log-probs and token counts of the responses, from the full logits in float64."""
     logits = np.asarray(
-        jax.jit(module.apply)({"params": params}, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
-                              batch[f"{side}_position_ids"]),
+        jax.jit(module.apply)(
+            {"params": params},
+            batch[f"{side}_input_ids"],
+            batch[f"{side}_attention_mask"],
+            batch[f"{side}_position_ids"],
+        ),
         np.float64,
     )
     peak = logits.max(-1, keepdims=True)
@@ -309,6 +316,7 @@ def test_rewriting_the_reference_checkpoint_in_place_changes_its_identity(tmp_pa
 
 
 # ------------------------------------------------------------------ trainers on real batches
+
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
@@ -499,10 +507,19 @@ def test_the_step_benchmark_reports_both_reference_modes(capsys):
     sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
     from benchmarks import dpo_step
 
-    report = dpo_step.main([
-        "--hidden=32", "--layers=1", "--heads=4", "--vocab=128", "--seq_len=16", "--batch=8",
-        "--steps=1", "--peak_size=128", "--peak_repeats=1",
-    ])
+    report = dpo_step.main(
+        [
+            "--hidden=32",
+            "--layers=1",
+            "--heads=4",
+            "--vocab=128",
+            "--seq_len=16",
+            "--batch=8",
+            "--steps=1",
+            "--peak_size=128",
+            "--peak_repeats=1",
+        ]
+    )
     assert json.loads(capsys.readouterr().out) == report
     on_the_fly, precomputed = report["runs"]
     assert (on_the_fly["setting"]["reference"], precomputed["setting"]["reference"]) == ("on_the_fly", "precomputed")

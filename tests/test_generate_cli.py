@@ -72,17 +72,31 @@ def setup(tmp_path_factory):
 
 def options(setup, output, **overrides) -> generate_lib.GenerateOptions:
     values = dict(
-        checkpoint=setup["policy"], prompts=setup["prompts"], output=str(output), max_new_tokens=NEW_TOKENS,
-        batch_size=8, max_prompt_len=48, progress=False, cache_dir=setup["cache_dir"], num_proc=1,
+        checkpoint=setup["policy"],
+        prompts=setup["prompts"],
+        output=str(output),
+        max_new_tokens=NEW_TOKENS,
+        batch_size=8,
+        max_prompt_len=48,
+        progress=False,
+        cache_dir=setup["cache_dir"],
+        num_proc=1,
     )
     return generate_lib.GenerateOptions(**{**values, **overrides})
 
 
 def flags(setup, output, *extra) -> list[str]:
     return [
-        f"--checkpoint={setup['policy']}", f"--prompts={setup['prompts']}", f"--output={output}",
-        f"--max_new_tokens={NEW_TOKENS}", "--batch_size=8", "--max_prompt_len=48", "--no_progress",
-        f"--cache_dir={setup['cache_dir']}", "--num_proc=1", *extra,
+        f"--checkpoint={setup['policy']}",
+        f"--prompts={setup['prompts']}",
+        f"--output={output}",
+        f"--max_new_tokens={NEW_TOKENS}",
+        "--batch_size=8",
+        "--max_prompt_len=48",
+        "--no_progress",
+        f"--cache_dir={setup['cache_dir']}",
+        "--num_proc=1",
+        *extra,
     ]
 
 
@@ -107,11 +121,15 @@ def reference(setup):
     ids = np.full((len(prompts), width), PAD, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     sampling = generation.SamplingConfig(max_new_tokens=NEW_TOKENS, greedy=True, pad_token_id=PAD)
     out = generation.generate(
-        setup["policy_params"], jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), model_config=MODEL,
+        setup["policy_params"],
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jax.random.key(0),
+        model_config=MODEL,
         sampling=sampling,
     )
     tokens, response_mask = np.asarray(out.tokens), np.asarray(out.response_mask).astype(bool)
@@ -166,9 +184,7 @@ def test_num_samples_gives_that_many_distinct_samples_per_prompt(setup):
 
 def test_prompts_per_batch_is_the_smallest_count_that_fits_the_mesh():
     for batch_size, samples, ways, hosts in [(3, 1, 8, 1), (3, 2, 8, 1), (8, 3, 8, 1), (5, 4, 8, 2), (1, 1, 1, 1)]:
-        expected = next(
-            n for n in range(batch_size, 10_000) if (n * samples) % ways == 0 and n % hosts == 0
-        )
+        expected = next(n for n in range(batch_size, 10_000) if (n * samples) % ways == 0 and n % hosts == 0)
         assert generate_lib.prompts_per_batch(batch_size, samples, ways, hosts) == expected
 
 
@@ -205,8 +221,13 @@ def test_generation_stops_at_the_chat_formats_end_of_turn_token_not_only_eos(tmp
     eot = tokenizer.special_tokens["<|eot_id|>"]
     assert tokenizer.eos_id != eot
     config = llama.get_preset(
-        "tiny", vocab_size=640, tie_word_embeddings=False, max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+        "tiny",
+        vocab_size=640,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
     )
     params = rig_to_always_emit(random_params(config, "causal_lm", seed=2), eot)
     huggingface.save_hf(str(tmp_path / "policy"), config, params, tokenizer_dir=str(tokenizer_dir))
@@ -214,11 +235,20 @@ def test_generation_stops_at_the_chat_formats_end_of_turn_token_not_only_eos(tmp
     prompts.write_text(json.dumps({"prompt": "Hello world"}) + "\n" + json.dumps({"prompt": "Good night"}) + "\n")
 
     output = tmp_path / "out.jsonl"
-    generate_lib.generate_file(generate_lib.GenerateOptions(
-        checkpoint=str(tmp_path / "policy"), prompts=str(prompts), output=str(output), chat_format="llama3",
-        greedy=True, max_new_tokens=NEW_TOKENS, max_prompt_len=32, progress=False,
-        cache_dir=str(tmp_path / "cache"), num_proc=1,
-    ))
+    generate_lib.generate_file(
+        generate_lib.GenerateOptions(
+            checkpoint=str(tmp_path / "policy"),
+            prompts=str(prompts),
+            output=str(output),
+            chat_format="llama3",
+            greedy=True,
+            max_new_tokens=NEW_TOKENS,
+            max_prompt_len=32,
+            progress=False,
+            cache_dir=str(tmp_path / "cache"),
+            num_proc=1,
+        )
+    )
     rows = read_rows(output)
     assert [(row["response_tokens"], row["finished"], row["response"]) for row in rows] == [(1, True, "")] * 2
 
@@ -229,8 +259,10 @@ def test_generation_stops_at_the_chat_formats_end_of_turn_token_not_only_eos(tmp
 def test_bad_prompt_row_fails_naming_file_row_and_field_before_loading_weights(setup, tmp_path, monkeypatch, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
-        json.dumps({"prompt": "Tell me about the ocean."}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": 5}]}) + "\n"
+        json.dumps({"prompt": "Tell me about the ocean."})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": 5}]})
+        + "\n"
     )
     output = tmp_path / "out.jsonl"
     output.write_text("previous results\n")

@@ -21,8 +21,16 @@ transformers = pytest.importorskip("transformers")
 
 EOS, PAD = 2, 0
 HF_CONFIG = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=EOS,
+    pad_token_id=PAD,
 )
 NEW_TOKENS = 10
 PROMPT_LENGTHS = (3, 7, 5, 1)  # left-padded to 7: every row starts at a different position
@@ -138,7 +146,9 @@ def test_tokens_tied_with_the_last_kept_one_are_kept(changes):
 
 def test_tokens_already_at_minus_infinity_stay_excluded_and_leave_top_p_exact():
     logits = np.array([-np.inf, np.log(0.5), -np.inf, np.log(0.3), np.log(0.2)])  # probabilities 0, .5, 0, .3, .2
-    processed = generation.processed_logits(jnp.asarray(logits[None], jnp.float32), dataclasses.replace(SAMPLING, top_p=0.75))
+    processed = generation.processed_logits(
+        jnp.asarray(logits[None], jnp.float32), dataclasses.replace(SAMPLING, top_p=0.75)
+    )
     np.testing.assert_array_equal(np.isfinite(processed[0]), [False, True, False, True, False])
 
 
@@ -213,8 +223,8 @@ def _left_padded_prompts(lengths=PROMPT_LENGTHS, seed=0):
     ids = np.full((len(lengths), width), PAD, np.int32)
     mask = np.zeros((len(lengths), width), np.int32)
     for row, length in enumerate(lengths):
-        ids[row, width - length:] = rng.integers(3, HF_CONFIG["vocab_size"], size=length)
-        mask[row, width - length:] = 1
+        ids[row, width - length :] = rng.integers(3, HF_CONFIG["vocab_size"], size=length)
+        mask[row, width - length :] = 1
     return ids, mask
 
 
@@ -245,17 +255,22 @@ def _hf_greedy(model, ids, mask, new_tokens, stop_ids):
     """``transformers`` greedy decoding, padded with PAD to exactly ``new_tokens`` columns."""
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-            max_new_tokens=new_tokens, do_sample=False, eos_token_id=list(stop_ids), pad_token_id=PAD,
+            input_ids=torch.from_numpy(ids.astype(np.int64)),
+            attention_mask=torch.from_numpy(mask.astype(np.int64)),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=list(stop_ids),
+            pad_token_id=PAD,
         )
-    response = out[:, ids.shape[1]:].numpy()
+    response = out[:, ids.shape[1] :].numpy()
     return np.pad(response, ((0, 0), (0, new_tokens - response.shape[1])), constant_values=PAD)
 
 
 def _generate(converted, ids, mask, sampling, seed=0):
     config, params = converted
-    return generation.generate(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
-                        model_config=config, sampling=sampling)
+    return generation.generate(
+        params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed), model_config=config, sampling=sampling
+    )
 
 
 def _mask_through_first_stop(tokens, stop_ids):
@@ -333,7 +348,7 @@ def rollout(converted):
     )
     # Position t of the full sequence predicts token t + 1: the response logits start one before it.
     prompt_len = ids.shape[1]
-    response_logits = np.asarray(logits)[:, prompt_len - 1:-1]
+    response_logits = np.asarray(logits)[:, prompt_len - 1 : -1]
     return out, response_logits
 
 
@@ -395,8 +410,14 @@ def test_generation_sharded_over_the_mesh_equals_single_device_generation(conver
     batch = sharding.batch_sharding(mesh)
     sharded_params = sharding.shard_params(params, mesh, partitioning.LLAMA_RULES)
     with jax.set_mesh(mesh):
-        out = generation.generate(sharded_params, jax.device_put(ids, batch), jax.device_put(mask, batch),
-                           jax.random.key(0), model_config=config, sampling=GREEDY)
+        out = generation.generate(
+            sharded_params,
+            jax.device_put(ids, batch),
+            jax.device_put(mask, batch),
+            jax.random.key(0),
+            model_config=config,
+            sampling=GREEDY,
+        )
     assert out.tokens.sharding.is_equivalent_to(batch, 2)  # rows stay split over the batch axes
     np.testing.assert_array_equal(out.tokens, hf_greedy_tokens)
     single = _generate(converted, ids, mask, GREEDY)

@@ -92,9 +92,7 @@ def test_mean_of_microbatch_means_would_differ_on_this_problem():
     """Guards the test above: with these masks, the wrong way of averaging gives other numbers."""
     params, batch = make_problem()
     halves = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]
-    mean_of_means = jax.tree.map(
-        lambda a, b: (a + b) / 2, *[whole_batch_mean_grad(params, h) for h in halves]
-    )
+    mean_of_means = jax.tree.map(lambda a, b: (a + b) / 2, *[whole_batch_mean_grad(params, h) for h in halves])
     expected = whole_batch_mean_grad(params, batch)
 
     assert not np.allclose(mean_of_means["out"], expected["out"], rtol=1e-3)
@@ -119,9 +117,7 @@ def test_each_microbatch_gets_rng_folded_with_its_index():
         return loss_sum, {"loss": (loss_sum, 1.0), "noise": (jax.random.uniform(rng), 1.0)}
 
     rng = jax.random.key(3)
-    draws = np.asarray(
-        jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i)))(jnp.arange(4))
-    )
+    draws = np.asarray(jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i)))(jnp.arange(4)))
 
     _, metrics = accumulate(4, noise_loss)({"w": jnp.ones(())}, {"x": jnp.ones(8)}, rng)
 
@@ -135,9 +131,7 @@ def test_batch_sharded_over_devices_is_split_without_gathering_rows():
     params, batch = make_problem()
     batch = jax.tree.map(lambda x: np.concatenate([x] * 4), batch)  # 32 rows: 4 per device
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharded_batch = jax.device_put(
-        batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    )
+    sharded_batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
     step = jax.jit(lambda p, b, r: accumulate_gradients(sft_like_loss, p, b, r, 4))
 
     grads, _ = step(params, sharded_batch, jax.random.key(0))
@@ -196,6 +190,4 @@ def test_loss_fn_without_a_loss_pair_is_a_clear_error():
 
     for m in (1, 2):
         with pytest.raises(ValueError, match="'loss': \\(loss_sum, loss_count\\)"):
-            accumulate_gradients(
-                bad_loss, {"w": jnp.ones(())}, {"x": jnp.ones(4)}, jax.random.key(0), m
-            )
+            accumulate_gradients(bad_loss, {"w": jnp.ones(())}, {"x": jnp.ones(4)}, jax.random.key(0), m)

@@ -23,17 +23,31 @@ from easyppo.weights import huggingface
 TOLERANCE = 1e-4
 
 BASE = dict(
-    vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 CONFIGS = {
     "mha": dict(num_key_value_heads=4),
     "gqa": dict(num_key_value_heads=2, head_dim=16),  # head_dim != hidden / heads, as some models have
     # original_max_position_embeddings=4 puts the test's positions in every llama3 frequency band.
     "llama3_rope": dict(
-        num_key_value_heads=2, rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=4),
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=4,
+        ),
     ),
     "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -179,9 +193,11 @@ def test_reward_scores_match_transformers_on_left_padded_batch(reward_model):
     ids, mask = _padded(ROWS, 11, "left")
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # what easyppo derives from the mask
     with torch.no_grad():
-        reference = hf(
-            input_ids=_torch_long(ids), attention_mask=_torch_long(mask), position_ids=_torch_long(positions)
-        ).logits[:, 0].numpy()
+        reference = (
+            hf(input_ids=_torch_long(ids), attention_mask=_torch_long(mask), position_ids=_torch_long(positions))
+            .logits[:, 0]
+            .numpy()
+        )
     assert _max_diff(_apply(module, params, ids, mask), reference) <= TOLERANCE
 
 

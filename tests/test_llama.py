@@ -31,8 +31,8 @@ def _left_pad(rows, length, pad_id=0):
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
     for i, row in enumerate(rows):
-        ids[i, length - len(row):] = row
-        mask[i, length - len(row):] = 1
+        ids[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = 1
     return jnp.asarray(ids), jnp.asarray(mask)
 
 
@@ -43,7 +43,7 @@ def test_left_padded_batch_gives_the_logits_of_the_unpadded_sequences():
     batched = _apply(model, params, ids, mask)
     for i, row in enumerate(rows):
         alone = _apply(model, params, jnp.asarray(row)[None])
-        np.testing.assert_allclose(batched[i, 9 - len(row):], alone[0], atol=2e-5)
+        np.testing.assert_allclose(batched[i, 9 - len(row) :], alone[0], atol=2e-5)
 
 
 def test_right_padding_does_not_change_the_real_tokens_logits():
@@ -73,7 +73,7 @@ def test_kv_cache_decoding_token_by_token_reproduces_the_full_forward(scan_layer
     np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(expected[:, :6])[real], atol=2e-5)
     decode = jax.jit(lambda p, tok, c: model.apply({"params": p}, tok, cache=c))
     for t in range(continuation.shape[1]):
-        step_logits, cache = decode(params, continuation[:, t:t + 1], cache)
+        step_logits, cache = decode(params, continuation[:, t : t + 1], cache)
         np.testing.assert_allclose(step_logits[:, 0], expected[:, 6 + t], atol=2e-5)
     assert int(cache.index) == 11
     np.testing.assert_array_equal(cache.mask[:, :11], full_mask)

@@ -101,7 +101,10 @@ def run_trainings(config_files: dict[Topology, pathlib.Path], log_dir: pathlib.P
                 with (log_dir / f"{topology.name}_process_{i}.log").open("w") as out:
                     procs[topology, i] = subprocess.Popen(
                         [sys.executable, "-m", "easyppo.train", f"--config={config_file}"],
-                        cwd=REPO, env=process_environment(env, topology, i), stdout=out, stderr=subprocess.STDOUT,
+                        cwd=REPO,
+                        env=process_environment(env, topology, i),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
                     )
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while running := [p for p in procs.values() if p.poll() is None]:
@@ -139,8 +142,7 @@ def write_config_file(path: pathlib.Path, body: str) -> pathlib.Path:
         "from test_train import tiny_config\n"
         "from helpers.ppo_runs import tiny_ppo_config\n"
         "\n"
-        "def get_config(arg=None):\n"
-        + textwrap.indent(textwrap.dedent(body).strip() + "\n", "    ")
+        "def get_config(arg=None):\n" + textwrap.indent(textwrap.dedent(body).strip() + "\n", "    ")
     )
     return path
 
@@ -174,8 +176,9 @@ def checkpointed_params(run_dir: pathlib.Path, kinds: dict[str, str]) -> dict:
 
 
 def assert_trees_close(actual, expected, *, rtol: float, atol: float) -> None:
-    jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol),
-                 actual, expected)
+    jax.tree.map(
+        lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol), actual, expected
+    )
 
 
 def train_on_both_topologies(
@@ -218,8 +221,11 @@ def test_sft_on_two_processes_matches_one_process_with_the_same_devices(tmp_path
     assert sorted(two_hosts) == sorted(one_host) == [1, 2, 3, 4]
     np.testing.assert_allclose([two_hosts[s] for s in range(1, 5)], [one_host[s] for s in range(1, 5)], rtol=LOSS_RTOL)
     assert one_host[4] < one_host[1]  # the steps did train
-    assert_trees_close(*(checkpointed_params(runs[t], {"params": "causal_lm"}) for t in (TWO_HOSTS, ONE_HOST)),
-                       rtol=PARAMS_RTOL, atol=PARAMS_ATOL)
+    assert_trees_close(
+        *(checkpointed_params(runs[t], {"params": "causal_lm"}) for t in (TWO_HOSTS, ONE_HOST)),
+        rtol=PARAMS_RTOL,
+        atol=PARAMS_ATOL,
+    )
 
 
 # --------------------------------------------------------------------------------------------- PPO
@@ -230,7 +236,8 @@ def test_ppo_on_two_processes_matches_one_process_with_the_same_devices(tmp_path
     scratch, cache = str(tmp_path / "inputs"), str(tmp_path / "cache")
     runs = train_on_both_topologies(
         tmp_path,
-        lambda run_dir: f"""
+        lambda run_dir: (
+            f"""
         # tiny_ppo_config writes its prompts file beside the run: one file per process, so that no
         # process reads the file while another rewrites it.
         inputs = pathlib.Path({scratch!r}) / f"process_{{os.environ.get('EASYPPO_PROCESS_ID', '0')}}"
@@ -238,7 +245,8 @@ def test_ppo_on_two_processes_matches_one_process_with_the_same_devices(tmp_path
         config.output_dir = {str(run_dir)!r}
         config.train.num_steps = 2  # step 1's KL is 0: the policy still is the reference
         return config
-        """,
+        """
+        ),
     )
 
     two_hosts, one_host = (metric_rows(runs[t]) for t in (TWO_HOSTS, ONE_HOST))
@@ -248,5 +256,6 @@ def test_ppo_on_two_processes_matches_one_process_with_the_same_devices(tmp_path
         np.testing.assert_allclose([two[1], two[2]], [one[1], one[2]], err_msg=name, **tolerance)
     assert per_step(one_host, "kl_per_sequence")[2] > 100 * KL_ATOL  # the policy did move from the reference
     trees = {"params": "causal_lm", "value_params": "value"}
-    assert_trees_close(*(checkpointed_params(runs[t], trees) for t in (TWO_HOSTS, ONE_HOST)),
-                       rtol=PARAMS_RTOL, atol=PARAMS_ATOL)
+    assert_trees_close(
+        *(checkpointed_params(runs[t], trees) for t in (TWO_HOSTS, ONE_HOST)), rtol=PARAMS_RTOL, atol=PARAMS_ATOL
+    )

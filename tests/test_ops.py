@@ -50,9 +50,7 @@ def test_logprobs_from_logits_is_log_softmax_at_the_target():
     targets = rng.integers(0, 5, size=(2, 3))
     expected = np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
 
-    np.testing.assert_allclose(
-        ops.logprobs_from_logits(logits, targets), expected, rtol=1e-6, atol=1e-6
-    )
+    np.testing.assert_allclose(ops.logprobs_from_logits(logits, targets), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_logprobs_from_logits_computes_bf16_logits_in_float32():
@@ -74,9 +72,7 @@ def test_token_logprobs_matches_full_softmax_for_any_chunk_size(chunk_size):
     hidden, embedding, targets = random_lm_inputs(seq_len=7)
     expected, _ = np_token_logprobs(hidden, embedding, targets)
 
-    got = jax.jit(ops.token_logprobs, static_argnames="chunk_size")(
-        hidden, embedding, targets, chunk_size=chunk_size
-    )
+    got = jax.jit(ops.token_logprobs, static_argnames="chunk_size")(hidden, embedding, targets, chunk_size=chunk_size)
 
     assert got.shape == (2, 7) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -87,9 +83,7 @@ def test_token_logprobs_entropy_matches_numpy():
     expected_logp, log_probs = np_token_logprobs(hidden, embedding, targets)
     expected_entropy = -(np.exp(log_probs) * log_probs).sum(-1)
 
-    logp, entropy = ops.token_logprobs(
-        hidden, embedding, targets, chunk_size=2, return_entropy=True
-    )
+    logp, entropy = ops.token_logprobs(hidden, embedding, targets, chunk_size=2, return_entropy=True)
 
     np.testing.assert_allclose(logp, expected_logp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(entropy, expected_entropy, rtol=1e-5, atol=1e-5)
@@ -201,9 +195,7 @@ def test_masked_sum_and_mean_use_only_selected_elements():
     x_with_junk = np.where(RAGGED_MASK, x, np.nan)  # padding junk must not leak
 
     assert ops.masked_sum(x_with_junk, RAGGED_MASK) == pytest.approx(x[RAGGED_MASK].sum(), rel=1e-6)
-    assert ops.masked_mean(x_with_junk, RAGGED_MASK) == pytest.approx(
-        x[RAGGED_MASK].mean(), rel=1e-6
-    )
+    assert ops.masked_mean(x_with_junk, RAGGED_MASK) == pytest.approx(x[RAGGED_MASK].mean(), rel=1e-6)
 
 
 def test_masked_mean_along_axis_is_per_row_and_zero_for_empty_rows():
@@ -211,9 +203,7 @@ def test_masked_mean_along_axis_is_per_row_and_zero_for_empty_rows():
     expected = [x[i][RAGGED_MASK[i]].mean() if RAGGED_MASK[i].any() else 0.0 for i in range(len(x))]
 
     np.testing.assert_allclose(ops.masked_mean(x, RAGGED_MASK, axis=-1), expected, rtol=1e-6)
-    np.testing.assert_allclose(
-        ops.masked_sum(x, RAGGED_MASK, axis=-1), (x * RAGGED_MASK).sum(-1), rtol=1e-6
-    )
+    np.testing.assert_allclose(ops.masked_sum(x, RAGGED_MASK, axis=-1), (x * RAGGED_MASK).sum(-1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("unbiased, ddof", [(True, 1), (False, 0)])
@@ -231,9 +221,7 @@ def test_masked_var_along_axis_matches_numpy_per_row():
 
     got = ops.masked_var(x, RAGGED_MASK, axis=1)
 
-    np.testing.assert_allclose(
-        got[np.array(rows)], [np.var(x[i][RAGGED_MASK[i]], ddof=1) for i in rows], rtol=1e-5
-    )
+    np.testing.assert_allclose(got[np.array(rows)], [np.var(x[i][RAGGED_MASK[i]], ddof=1) for i in rows], rtol=1e-5)
     assert got[2] == 0.0 and got[4] == 0.0  # one element, no elements
 
 
@@ -281,12 +269,8 @@ def test_kl_estimators_match_their_formulas():
     ratio = np.exp(logq - logp)
 
     np.testing.assert_allclose(ops.kl_estimate(logp, logq, "k1"), logp - logq, rtol=1e-5)
-    np.testing.assert_allclose(
-        ops.kl_estimate(logp, logq, "k2"), 0.5 * (logp - logq) ** 2, rtol=1e-5
-    )
-    np.testing.assert_allclose(
-        ops.kl_estimate(logp, logq, "k3"), ratio - 1 - np.log(ratio), rtol=1e-4, atol=1e-7
-    )
+    np.testing.assert_allclose(ops.kl_estimate(logp, logq, "k2"), 0.5 * (logp - logq) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(ops.kl_estimate(logp, logq, "k3"), ratio - 1 - np.log(ratio), rtol=1e-4, atol=1e-7)
 
 
 def test_k1_and_k3_are_unbiased_for_the_exact_kl_when_sampling_from_p():

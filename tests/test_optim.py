@@ -29,9 +29,7 @@ def lr_at(schedule, step):
 
 
 def test_linear_schedule_warms_up_then_decays_linearly_to_the_end_ratio():
-    schedule = optim.make_schedule(
-        config(schedule="linear", warmup_steps=10, end_lr_ratio=0.1), total_steps=100
-    )
+    schedule = optim.make_schedule(config(schedule="linear", warmup_steps=10, end_lr_ratio=0.1), total_steps=100)
     end = 0.1 * PEAK
 
     expected = {
@@ -47,9 +45,7 @@ def test_linear_schedule_warms_up_then_decays_linearly_to_the_end_ratio():
 
 
 def test_cosine_schedule_warms_up_then_follows_half_a_cosine_to_the_end_ratio():
-    schedule = optim.make_schedule(
-        config(schedule="cosine", warmup_steps=10, end_lr_ratio=0.1), total_steps=100
-    )
+    schedule = optim.make_schedule(config(schedule="cosine", warmup_steps=10, end_lr_ratio=0.1), total_steps=100)
     end = 0.1 * PEAK
 
     def cosine(step):
@@ -92,9 +88,7 @@ def test_warmup_ratio_is_a_fraction_of_total_steps_rounded_up(ratio, total_steps
 
     assert optim.warmup_steps(cfg, total_steps) == expected_warmup
     if expected_warmup:
-        assert lr_at(schedule, expected_warmup - 1) == pytest.approx(
-            PEAK * (expected_warmup - 1) / expected_warmup
-        )
+        assert lr_at(schedule, expected_warmup - 1) == pytest.approx(PEAK * (expected_warmup - 1) / expected_warmup)
     assert lr_at(schedule, expected_warmup) == pytest.approx(PEAK)
 
 
@@ -123,9 +117,7 @@ def test_bad_schedule_config_is_an_error_naming_the_key(overrides, message):
 # ------------------------------------------------------------------------------------------------
 
 
-def llama_like_params(
-    scan_layers: bool, vocab=7, dim=4, ffn=6, heads=2, kv_heads=1, head_dim=2, layers=2
-):
+def llama_like_params(scan_layers: bool, vocab=7, dim=4, ffn=6, heads=2, kv_heads=1, head_dim=2, layers=2):
     """A parameter tree with the model contract's layout (see the shared brief)."""
 
     def block(lead=()):
@@ -210,9 +202,7 @@ def test_weight_decay_shrinks_matrices_and_leaves_scales_alone():
 # ------------------------------------------------------------------------------------------------
 
 
-def numpy_adamw_updates(
-    grads_per_step, params, lr_per_step, b1, b2, eps, weight_decay, decay, clip
-):
+def numpy_adamw_updates(grads_per_step, params, lr_per_step, b1, b2, eps, weight_decay, decay, clip):
     """Textbook AdamW (bias-corrected, decoupled decay) after optional global-norm clipping."""
     mu = {k: np.zeros_like(v) for k, v in params.items()}
     nu = {k: np.zeros_like(v) for k, v in params.items()}

@@ -86,10 +86,14 @@ def test_explained_variance_is_one_for_perfect_values_and_zero_for_the_mean():
     returns = RNG.normal(size=(3, 5)).astype(np.float32)
     mask = np.ones_like(returns)
     mask[2, 3:] = 0
-    assert float(ppo.explained_variance(jnp.asarray(returns), jnp.asarray(returns), jnp.asarray(mask))) == pytest.approx(1.0)
+    assert float(
+        ppo.explained_variance(jnp.asarray(returns), jnp.asarray(returns), jnp.asarray(mask))
+    ) == pytest.approx(1.0)
     mean = returns[mask > 0].mean()
     as_mean = np.full_like(returns, mean)
-    assert float(ppo.explained_variance(jnp.asarray(as_mean), jnp.asarray(returns), jnp.asarray(mask))) == pytest.approx(0.0, abs=1e-5)
+    assert float(
+        ppo.explained_variance(jnp.asarray(as_mean), jnp.asarray(returns), jnp.asarray(mask))
+    ) == pytest.approx(0.0, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------- config checks
@@ -263,7 +267,8 @@ def test_a_sharded_iteration_equals_the_single_device_one(tmp_path):
     for field in ("params", "value_params"):
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=field),  # noqa: B023
-            getattr(single[3], field), getattr(sharded[3], field),
+            getattr(single[3], field),
+            getattr(sharded[3], field),
         )
 
 

@@ -83,9 +83,22 @@ def test_a_resumed_run_logs_the_same_rollout_metrics_as_the_uninterrupted_one(ru
 
 def test_every_training_record_carries_the_ppo_telemetry(runs):
     expected = {
-        "score", "score_std", "kl_per_token", "kl_per_sequence", "non_score_reward", "entropy",
-        "policy_clip_fraction", "value_clip_fraction", "approx_kl", "explained_variance",
-        "response_length", "eos_rate", "logprob_gap", "kl_coef", "learning_rate", "tokens_per_second",
+        "score",
+        "score_std",
+        "kl_per_token",
+        "kl_per_sequence",
+        "non_score_reward",
+        "entropy",
+        "policy_clip_fraction",
+        "value_clip_fraction",
+        "approx_kl",
+        "explained_variance",
+        "response_length",
+        "eos_rate",
+        "logprob_gap",
+        "kl_coef",
+        "learning_rate",
+        "tokens_per_second",
     }
     for row in train_rows(runs["root"] / "straight"):
         assert expected <= set(row), expected - set(row)
@@ -115,7 +128,10 @@ def test_export_writes_the_policy_and_the_value_model_as_hugging_face_directorie
     value_dir = runs["root"] / "export" / "policy_value"
     assert runs["straight"].export_dir == str(policy_dir)
     state = _state(runs["root"] / "straight")
-    for directory, kind, params in ((policy_dir, "causal_lm", state["params"]), (value_dir, "value", state["value_params"])):
+    for directory, kind, params in (
+        (policy_dir, "causal_lm", state["params"]),
+        (value_dir, "value", state["value_params"]),
+    ):
         assert (directory / "config.json").exists() and (directory / "tokenizer.model").exists()
         _, _, loaded = huggingface.load_hf(str(directory), kind)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)

@@ -278,8 +278,13 @@ def test_sharded_init_gives_born_sharded_parameters_equal_to_a_single_device_ini
         ("value", {"scan_layers": True}),
     ],
     ids=[
-        "lm-unrolled", "lm-scanned", "lm-tied",
-        "reward-unrolled", "reward-scanned", "value-unrolled", "value-scanned",
+        "lm-unrolled",
+        "lm-scanned",
+        "lm-tied",
+        "reward-unrolled",
+        "reward-scanned",
+        "value-unrolled",
+        "value-scanned",
     ],
 )
 def test_sharded_forward_equals_single_device_forward(mesh, kind, config_overrides):
@@ -293,9 +298,7 @@ def test_sharded_forward_equals_single_device_forward(mesh, kind, config_overrid
     params = sharding.shard_params(host_params, mesh, partitioning.LLAMA_RULES)
     global_batch = sharding.host_local_to_global(batch, mesh)
     with jax.set_mesh(mesh):
-        actual = jax.jit(model.apply)(
-            {"params": params}, global_batch["input_ids"], global_batch["attention_mask"]
-        )
+        actual = jax.jit(model.apply)({"params": params}, global_batch["input_ids"], global_batch["attention_mask"])
 
     assert actual.sharding.spec[0] == sharding.BATCH_AXES  # the batch stayed split over data * fsdp
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-5)

@@ -131,7 +131,9 @@ def test_directory_with_both_files_uses_tokenizer_json(files, tmp_path):
     directory = shutil.copytree(files["hf_dir"], tmp_path / "hf")
     shutil.copy(files["sp_model"], directory / "tokenizer.model")
     sentencepiece_vocab_size = load_tokenizer(files["sp_model"], pad_id=0).vocab_size
-    assert load_tokenizer(directory).vocab_size == load_tokenizer(files["hf_dir"]).vocab_size != sentencepiece_vocab_size
+    assert (
+        load_tokenizer(directory).vocab_size == load_tokenizer(files["hf_dir"]).vocab_size != sentencepiece_vocab_size
+    )
 
 
 def test_chat_template_argument_overrides_the_shipped_one(files):
@@ -150,7 +152,9 @@ def test_bare_tokenizer_json_needs_explicit_bos_and_eos(files):
     path = files["hf_dir"] / "tokenizer.json"
     with pytest.raises(ValueError, match="no bos token.*bare tokenizer.json"):
         load_tokenizer(path)
-    tokenizer = load_tokenizer(path, bos_id="<|begin_of_text|>", eos_id="<|eot_id|>", pad_id="<|finetune_right_pad_id|>")
+    tokenizer = load_tokenizer(
+        path, bos_id="<|begin_of_text|>", eos_id="<|eot_id|>", pad_id="<|finetune_right_pad_id|>"
+    )
     assert tokenizer.eos_id == tokenizer.token_to_id("<|eot_id|>")
     assert tokenizer.chat_template is None
 
@@ -179,7 +183,9 @@ def _converted_llama2_json(sp_dir, out_dir, transformers, variant):
 def test_tokenizer_json_of_a_sentencepiece_model_encodes_like_sentencepiece(files, transformers, tmp_path, variant):
     sentencepiece_tokenizer = load_tokenizer(files["sp_dir"] / "tokenizer.model", pad_id=0)
     json_path = _converted_llama2_json(files["sp_dir"], tmp_path, transformers, variant)
-    json_tokenizer = load_tokenizer(json_path, bos_id="<s>", eos_id="</s>", pad_id="<unk>", allow_pad_as_real_token=True)
+    json_tokenizer = load_tokenizer(
+        json_path, bos_id="<s>", eos_id="</s>", pad_id="<unk>", allow_pad_as_real_token=True
+    )
     for text in TEXTS:  # Texts without leading whitespace: there Metaspace and sentencepiece agree.
         assert json_tokenizer.encode(text) == sentencepiece_tokenizer.encode(text), text
         assert json_tokenizer.encode_continuation(text) == sentencepiece_tokenizer.encode_continuation(text), text
@@ -226,7 +232,9 @@ def test_encode_keeps_special_token_strings_as_text(tokenizer):
 def test_special_ids_can_be_given_as_ids_or_token_strings(files):
     by_id = load_tokenizer(files["sp_model"], bos_id=1, eos_id=2, pad_id=0)
     by_token = load_tokenizer(files["sp_model"], bos_id="<s>", eos_id="</s>", pad_id="<unk>")
-    assert (by_id.bos_id, by_id.eos_id, by_id.pad_id) == (by_token.bos_id, by_token.eos_id, by_token.pad_id) == (1, 2, 0)
+    assert (
+        (by_id.bos_id, by_id.eos_id, by_id.pad_id) == (by_token.bos_id, by_token.eos_id, by_token.pad_id) == (1, 2, 0)
+    )
     swapped = load_tokenizer(files["hf_dir"], eos_id="<|end_of_text|>")
     assert swapped.eos_id == swapped.token_to_id("<|end_of_text|>")
 
@@ -274,14 +282,18 @@ def test_config_token_missing_from_the_vocabulary_names_the_file(files, tmp_path
     config = json.loads((directory / "tokenizer_config.json").read_text())
     config["pad_token"] = "<pad>"  # A token added to tokenizer.json only, absent from tokenizer.model.
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="tokenizer_config.json sets pad_token='<pad>', which is not in the vocabulary"):
+    with pytest.raises(
+        ValueError, match="tokenizer_config.json sets pad_token='<pad>', which is not in the vocabulary"
+    ):
         load_tokenizer(directory)
 
 
 def test_fingerprint_is_stable_across_loads_and_depends_on_special_ids(files):
     first = load_tokenizer(files["sp_model"], pad_id=0)
     assert load_tokenizer(files["sp_model"], pad_id=0).fingerprint == first.fingerprint
-    assert load_tokenizer(files["sp_model"], pad_id="</s>", allow_pad_as_real_token=True).fingerprint != first.fingerprint
+    assert (
+        load_tokenizer(files["sp_model"], pad_id="</s>", allow_pad_as_real_token=True).fingerprint != first.fingerprint
+    )
     assert load_tokenizer(files["sp_model_with_pad"], pad_id=0).fingerprint != first.fingerprint
 
 

@@ -93,7 +93,9 @@ def test_an_interrupted_and_resumed_run_ends_with_bitwise_identical_parameters(t
     second = loop.train(split)
     assert (second.status, second.step) == ("completed", 7)  # crossed into the second epoch
 
-    jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "whole", whole), final_params(tmp_path / "split", split))
+    jax.tree.map(
+        np.testing.assert_array_equal, final_params(tmp_path / "whole", whole), final_params(tmp_path / "split", split)
+    )
     whole_losses = {m["step"]: m["loss"] for m in metrics_lines(tmp_path / "whole") if "loss" in m}
     split_losses = {m["step"]: m["loss"] for m in metrics_lines(tmp_path / "split") if "loss" in m}
     assert whole_losses == split_losses
@@ -128,7 +130,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, small_data):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen(
         [sys.executable, "-m", "easyppo.train", f"--config={config_file}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     metrics_file = tmp_path / "run" / "logs" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -197,7 +203,7 @@ def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched(tmp_p
 
 
 def test_consecutive_non_finite_steps_stop_the_run_and_nothing_non_finite_is_saved(tmp_path, small_data, monkeypatch):
-    always_nan = lambda make: (lambda *a: (lambda p, f, b, r: _nan(make(*a)(p, f, b, r))))
+    always_nan = lambda make: lambda *a: lambda p, f, b, r: _nan(make(*a)(p, f, b, r))
     monkeypatch.setattr(sft, "make_loss_fn", always_nan(sft.make_loss_fn))
     config = tiny_config("sft", tmp_path, small_data, max_consecutive_nonfinite=3)
     with pytest.raises(loop.NonFiniteTrainingError, match="3 consecutive steps"):
@@ -213,12 +219,16 @@ def _nan(result):
 
 def test_an_unknown_config_key_is_named_with_the_closest_match():
     with pytest.raises(run_config.ConfigError, match=r"optim\.learning_rat.*did you mean 'optim\.learning_rate'"):
-        train_cli.config_from_argv(["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rat=1e-4"])
+        train_cli.config_from_argv(
+            ["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rat=1e-4"]
+        )
 
 
 def test_a_wrongly_typed_override_names_the_flag():
     with pytest.raises(run_config.ConfigError, match="config.optim.learning_rate"):
-        train_cli.config_from_argv(["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rate=fast"])
+        train_cli.config_from_argv(
+            ["train", f"--config={REPO}/configs/sft.py:demo", "--config.optim.learning_rate=fast"]
+        )
 
 
 def test_overrides_reach_the_config():

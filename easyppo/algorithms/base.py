@@ -88,8 +88,13 @@ class GradientUpdate(NamedTuple):
 
 
 def gradient_update(
-    loss_fn, optimizer: optax.GradientTransformation, params: PyTree, opt_state: PyTree,
-    batch: Mapping[str, jax.Array], rng: jax.Array, num_microbatches: int,
+    loss_fn,
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    opt_state: PyTree,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    num_microbatches: int,
 ) -> GradientUpdate:
     """One optimizer step on ``loss_fn(params, batch, rng)`` with gradient accumulation.
 
@@ -138,9 +143,7 @@ class GradientTrainer:
 
     def __post_init__(self):
         params_shardings = jax.tree.map(lambda x: x.sharding, self.initial_params)
-        opt_shardings = sharding.optimizer_state_shardings(
-            self.optimizer, self.initial_params, self.mesh, self.rules
-        )
+        opt_shardings = sharding.optimizer_state_shardings(self.optimizer, self.initial_params, self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, P())
         self.state_shardings = TrainState(step=replicated, params=params_shardings, opt_state=opt_shardings)
         self._batch_sharding = sharding.batch_sharding(self.mesh)
@@ -169,7 +172,9 @@ class GradientTrainer:
     def abstract_state(self) -> TrainState:
         params = abstract_tree(self.initial_params)
         state = TrainState(
-            step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(self.optimizer.init, params)
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=params,
+            opt_state=jax.eval_shape(self.optimizer.init, params),
         )
         return with_shardings(state, self.state_shardings)
 
@@ -177,7 +182,9 @@ class GradientTrainer:
 
     def _train_step_impl(self, state: TrainState, batch, rng, frozen):
         loss_fn = functools.partial(_bind_frozen, self.loss_fn, frozen)
-        update = gradient_update(loss_fn, self.optimizer, state.params, state.opt_state, batch, rng, self.num_microbatches)
+        update = gradient_update(
+            loss_fn, self.optimizer, state.params, state.opt_state, batch, rng, self.num_microbatches
+        )
         new_state = TrainState(step=state.step + 1, params=update.params, opt_state=update.opt_state)
         metrics = dict(update.metrics, grad_norm=update.grad_norm, skipped=(~update.finite).astype(jnp.float32))
         return new_state, metrics

@@ -170,7 +170,10 @@ def preference_losses(
     """
     if not settings.uses_reference:
         losses = simpo_loss(
-            policy[:, 0], policy[:, 1], beta=settings.beta, gamma=settings.simpo_gamma,
+            policy[:, 0],
+            policy[:, 1],
+            beta=settings.beta,
+            gamma=settings.simpo_gamma,
             label_smoothing=settings.label_smoothing,
         )
         return losses, settings.beta * policy
@@ -368,13 +371,16 @@ def precomputed_reference_tables(
 
     tables = {}
     for split, data in splits.items():
+
         def compute(data=data, split=split):
             logger.info("computing reference log-probs of the %s split (%d rows)", split, len(data.batcher))
             forward, params = reference()
             return compute_reference_table(forward, params, data, mesh, batch_size=batch_size)
 
         tables[split], _ = reference_cache.load_or_compute(
-            cache_dir, reference_cache_components(data, reference_cfg, seed=config.seed), compute,
+            cache_dir,
+            reference_cache_components(data, reference_cfg, seed=config.seed),
+            compute,
             shape=(len(data.batcher), 2),
         )
     return tables
@@ -396,7 +402,12 @@ def validate_config(config: ml_collections.ConfigDict) -> LossSettings:
 
 
 def make_trainer(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    *,
+    train_data,
+    eval_data,
     resuming: bool = False,
 ) -> base.GradientTrainer:
     """The gradient trainer with the reference wired in as ``dpo.reference`` asks (see module doc)."""
@@ -416,7 +427,14 @@ def make_trainer(
         if "eval" in tables:
             eval_frozen = {"reference_logps": jax.device_put(tables["eval"], replicated)}
     return base.make_gradient_trainer(
-        config, mesh, total_steps, name=NAME, data_kind=DATA_KIND, kind=MODEL_KIND,
+        config,
+        mesh,
+        total_steps,
+        name=NAME,
+        data_kind=DATA_KIND,
+        kind=MODEL_KIND,
         make_loss_fn=functools.partial(make_loss_fn, reference_model=reference_model),
-        frozen=frozen, eval_frozen=eval_frozen, resuming=resuming,
+        frozen=frozen,
+        eval_frozen=eval_frozen,
+        resuming=resuming,
     )

@@ -178,7 +178,9 @@ def explained_variance(predictions: jax.Array, targets: jax.Array, mask: jax.Arr
     return 1.0 - ops.safe_divide(ops.masked_var(targets - predictions, mask), ops.masked_var(targets, mask))
 
 
-def adaptive_kl_coef(kl_coef: jax.Array, observed_kl: jax.Array, *, target: float, horizon: int, batch_rows: int) -> jax.Array:
+def adaptive_kl_coef(
+    kl_coef: jax.Array, observed_kl: jax.Array, *, target: float, horizon: int, batch_rows: int
+) -> jax.Array:
     """Ziegler et al. (2019): move the coefficient proportionally to KL/target - 1, clipped to +-20%."""
     error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
     return kl_coef * (1.0 + error * batch_rows / horizon)
@@ -215,14 +217,24 @@ class Settings:
     def from_config(cls, config: ml_collections.ConfigDict) -> Settings:
         c = config.ppo
         return cls(
-            samples_per_prompt=int(c.samples_per_prompt), kl_estimator=c.kl_estimator,
-            adaptive_kl=bool(c.adaptive_kl), kl_target=float(c.kl_target), kl_horizon=int(c.kl_horizon),
+            samples_per_prompt=int(c.samples_per_prompt),
+            kl_estimator=c.kl_estimator,
+            adaptive_kl=bool(c.adaptive_kl),
+            kl_target=float(c.kl_target),
+            kl_horizon=int(c.kl_horizon),
             missing_eos_penalty=None if c.missing_eos_penalty is None else float(c.missing_eos_penalty),
-            missing_eos_mode=c.missing_eos_mode, gamma=float(c.gamma), lam=float(c.lam),
-            whiten_advantages=bool(c.whiten_advantages), ppo_epochs=int(c.ppo_epochs),
-            num_minibatches=int(c.num_minibatches), clip_ratio=float(c.clip_ratio), value_clip=float(c.value_clip),
-            vf_coef=float(c.vf_coef), entropy_coef=float(c.entropy_coef),
-            value_warmup_steps=int(c.value_warmup_steps), logprob_chunk_size=int(c.logprob_chunk_size),
+            missing_eos_mode=c.missing_eos_mode,
+            gamma=float(c.gamma),
+            lam=float(c.lam),
+            whiten_advantages=bool(c.whiten_advantages),
+            ppo_epochs=int(c.ppo_epochs),
+            num_minibatches=int(c.num_minibatches),
+            clip_ratio=float(c.clip_ratio),
+            value_clip=float(c.value_clip),
+            vf_coef=float(c.vf_coef),
+            entropy_coef=float(c.entropy_coef),
+            value_warmup_steps=int(c.value_warmup_steps),
+            logprob_chunk_size=int(c.logprob_chunk_size),
             grad_accum_steps=int(config.train.grad_accum_steps),
         )
 
@@ -242,14 +254,29 @@ def validate_config(config: ml_collections.ConfigDict) -> Settings:
     def fail(key: str, message: str):
         raise ValueError(f"config.ppo.{key}: {message}")
 
-    for key in ("samples_per_prompt", "ppo_epochs", "num_minibatches", "kl_horizon", "logprob_chunk_size", "samples_to_log"):
+    for key in (
+        "samples_per_prompt",
+        "ppo_epochs",
+        "num_minibatches",
+        "kl_horizon",
+        "logprob_chunk_size",
+        "samples_to_log",
+    ):
         if int(c[key]) < 1:
             fail(key, f"must be >= 1, got {c[key]}")
     if c.kl_estimator not in KL_ESTIMATORS:
         fail("kl_estimator", f"{c.kl_estimator!r} is not one of {KL_ESTIMATORS}")
     if c.missing_eos_mode not in MISSING_EOS_MODES:
         fail("missing_eos_mode", f"{c.missing_eos_mode!r} is not one of {MISSING_EOS_MODES}")
-    for key in ("kl_coef", "clip_ratio", "value_clip", "vf_coef", "entropy_coef", "value_warmup_steps", "samples_every_steps"):
+    for key in (
+        "kl_coef",
+        "clip_ratio",
+        "value_clip",
+        "vf_coef",
+        "entropy_coef",
+        "value_warmup_steps",
+        "samples_every_steps",
+    ):
         if c[key] < 0:
             fail(key, f"must be >= 0, got {c[key]}")
     if not c.kl_target > 0:
@@ -258,14 +285,21 @@ def validate_config(config: ml_collections.ConfigDict) -> Settings:
         fail("gamma" if not 0 <= c.gamma <= 1 else "lam", "must be in [0, 1]")
     rows = config.data.global_batch_size * c.samples_per_prompt
     if rows % c.num_minibatches:
-        fail("num_minibatches", f"the rollout's {rows} rows (data.global_batch_size x samples_per_prompt) do not split into {c.num_minibatches} minibatches")
+        fail(
+            "num_minibatches",
+            f"the rollout's {rows} rows (data.global_batch_size x samples_per_prompt) do not split into {c.num_minibatches} minibatches",
+        )
     try:
         generation.SamplingConfig.from_config(c.sampling)
     except ValueError as e:
         raise ValueError(f"config.ppo.{e}") from None
     policy = loading.resolve_architecture(config.model)
     total = config.data.max_prompt_len + c.sampling.max_new_tokens
-    for key, model_cfg in (("model", config.model), ("ppo.reward_model", c.reward_model), ("ppo.value_model", value_model_config(config))):
+    for key, model_cfg in (
+        ("model", config.model),
+        ("ppo.reward_model", c.reward_model),
+        ("ppo.value_model", value_model_config(config)),
+    ):
         architecture = policy if key == "model" else loading.resolve_architecture(model_cfg)
         if total > architecture.max_position_embeddings:
             raise ValueError(
@@ -369,9 +403,13 @@ class PPOTrainer:
         self.state_shardings = PPOState(
             step=replicated,
             params=shardings_of(self.initial_params),
-            opt_state=sharding.optimizer_state_shardings(self.policy_optimizer, self.initial_params, self.mesh, partitioning.LLAMA_RULES),
+            opt_state=sharding.optimizer_state_shardings(
+                self.policy_optimizer, self.initial_params, self.mesh, partitioning.LLAMA_RULES
+            ),
             value_params=shardings_of(self.initial_value_params),
-            value_opt_state=sharding.optimizer_state_shardings(self.value_optimizer, self.initial_value_params, self.mesh, partitioning.LLAMA_RULES),
+            value_opt_state=sharding.optimizer_state_shardings(
+                self.value_optimizer, self.initial_value_params, self.mesh, partitioning.LLAMA_RULES
+            ),
             kl_coef=replicated,
         )
         self.rollout = jax.jit(self._rollout_impl, static_argnames=("sampling",))
@@ -391,9 +429,13 @@ class PPOTrainer:
         return PPOState(
             step=jax.device_put(jnp.zeros((), jnp.int32), self._replicated),
             params=self.initial_params,
-            opt_state=sharding.sharded_optimizer_init(self.policy_optimizer, self.initial_params, mesh=self.mesh, rules=partitioning.LLAMA_RULES),
+            opt_state=sharding.sharded_optimizer_init(
+                self.policy_optimizer, self.initial_params, mesh=self.mesh, rules=partitioning.LLAMA_RULES
+            ),
             value_params=self.initial_value_params,
-            value_opt_state=sharding.sharded_optimizer_init(self.value_optimizer, self.initial_value_params, mesh=self.mesh, rules=partitioning.LLAMA_RULES),
+            value_opt_state=sharding.sharded_optimizer_init(
+                self.value_optimizer, self.initial_value_params, mesh=self.mesh, rules=partitioning.LLAMA_RULES
+            ),
             kl_coef=jax.device_put(jnp.asarray(self.config.ppo.kl_coef, jnp.float32), self._replicated),
         )
 
@@ -401,8 +443,11 @@ class PPOTrainer:
         params, value_params = base.abstract_tree(self.initial_params), base.abstract_tree(self.initial_value_params)
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
         state = PPOState(
-            step=scalar(jnp.int32), params=params, opt_state=jax.eval_shape(self.policy_optimizer.init, params),
-            value_params=value_params, value_opt_state=jax.eval_shape(self.value_optimizer.init, value_params),
+            step=scalar(jnp.int32),
+            params=params,
+            opt_state=jax.eval_shape(self.policy_optimizer.init, params),
+            value_params=value_params,
+            value_opt_state=jax.eval_shape(self.value_optimizer.init, value_params),
             kl_coef=scalar(jnp.float32),
         )
         return base.with_shardings(state, self.state_shardings)
@@ -421,8 +466,13 @@ class PPOTrainer:
         )
         response_mask = out.response_mask * (row_mask[:, None] > 0)
         return Rollout(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.tokens, response_mask=response_mask,
-            sampler_logprobs=out.logprobs, finished=out.finished, row_mask=row_mask,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=out.tokens,
+            response_mask=response_mask,
+            sampler_logprobs=out.logprobs,
+            finished=out.finished,
+            row_mask=row_mask,
         )
 
     # ---------------------------------------------------------------------------------- scoring
@@ -434,18 +484,25 @@ class PPOTrainer:
         )
         hidden = response_columns(hidden, seqs.input_ids.shape[1] - response_ids.shape[1], response_ids.shape[1])
         return ops.token_logprobs(
-            hidden, llama.output_embedding(params, self.policy_config), response_ids,
-            chunk_size=self.settings.logprob_chunk_size, return_entropy=with_entropy,
+            hidden,
+            llama.output_embedding(params, self.policy_config),
+            response_ids,
+            chunk_size=self.settings.logprob_chunk_size,
+            return_entropy=with_entropy,
         )
 
     def _values(self, value_params, seqs: Sequences, num_new: int) -> jax.Array:
-        values = self.value_module.apply({"params": value_params}, seqs.input_ids, seqs.attention_mask, seqs.position_ids)
+        values = self.value_module.apply(
+            {"params": value_params}, seqs.input_ids, seqs.attention_mask, seqs.position_ids
+        )
         return response_columns(values, seqs.input_ids.shape[1] - num_new, num_new)
 
     def _frozen_judgement(self, frozen: dict, seqs: Sequences, response_ids) -> tuple[jax.Array, jax.Array]:
         """The reference's log-probs of the response tokens [R, N] and the reward model's score [R]."""
         ref_logprobs = self._response_logprobs(frozen["reference"], seqs, response_ids)
-        score = self.reward_module.apply({"params": frozen["reward"]}, seqs.input_ids, seqs.attention_mask, seqs.position_ids)
+        score = self.reward_module.apply(
+            {"params": frozen["reward"]}, seqs.input_ids, seqs.attention_mask, seqs.position_ids
+        )
         return ref_logprobs, score
 
     def _score_impl(self, state: PPOState, frozen: dict, rollout: Rollout) -> tuple[dict, dict, dict]:
@@ -456,7 +513,9 @@ class PPOTrainer:
         """
         s = self.settings
         num_new = rollout.response_ids.shape[1]
-        seqs = join_prompt_and_response(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+        seqs = join_prompt_and_response(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask
+        )
         mask = rollout.response_mask.astype(jnp.float32)
         logprobs, entropy = self._response_logprobs(state.params, seqs, rollout.response_ids, with_entropy=True)
         ref_logprobs, raw_score = self._frozen_judgement(frozen, seqs, rollout.response_ids)
@@ -470,9 +529,15 @@ class PPOTrainer:
 
         constrain_rows = lambda x: sharding.constrain(x, P(sharding.BATCH_AXES))
         experience = {
-            "input_ids": seqs.input_ids, "attention_mask": seqs.attention_mask, "position_ids": seqs.position_ids,
-            "response_ids": rollout.response_ids, "mask": mask, "old_logprobs": logprobs,
-            "old_values": values * mask, "advantages": whitened, "returns": returns,
+            "input_ids": seqs.input_ids,
+            "attention_mask": seqs.attention_mask,
+            "position_ids": seqs.position_ids,
+            "response_ids": rollout.response_ids,
+            "mask": mask,
+            "old_logprobs": logprobs,
+            "old_values": values * mask,
+            "advantages": whitened,
+            "returns": returns,
         }
         experience = jax.tree.map(constrain_rows, experience)
         per_row = jax.tree.map(constrain_rows, {"raw_score": raw_score, "score": score, "kl": jnp.sum(kl, axis=-1)})
@@ -525,7 +590,9 @@ class PPOTrainer:
             metrics["update_entropy"] = total(entropy)
         else:
             logprobs, entropy = self._response_logprobs(params, seqs, minibatch["response_ids"]), 0.0
-        losses, clipped, ratio = clipped_policy_loss(logprobs, minibatch["old_logprobs"], minibatch["advantages"], s.clip_ratio)
+        losses, clipped, ratio = clipped_policy_loss(
+            logprobs, minibatch["old_logprobs"], minibatch["advantages"], s.clip_ratio
+        )
         loss_sum = ops.masked_sum(losses - s.entropy_coef * entropy, mask)
         log_ratio = logprobs - minibatch["old_logprobs"]
         return loss_sum, {
@@ -569,10 +636,18 @@ class PPOTrainer:
                     self._policy_loss_fn, self.policy_optimizer, state.params, state.opt_state, minibatch, key, accum
                 )
                 state = state.replace(params=policy.params, opt_state=policy.opt_state)
-                metrics.update({k: v for k, v in policy.metrics.items() if k != "loss"}, policy_grad_norm=policy.grad_norm)
+                metrics.update(
+                    {k: v for k, v in policy.metrics.items() if k != "loss"}, policy_grad_norm=policy.grad_norm
+                )
                 skipped = skipped + (~policy.finite)
             value = base.gradient_update(
-                self._value_loss_fn, self.value_optimizer, state.value_params, state.value_opt_state, minibatch, key, accum
+                self._value_loss_fn,
+                self.value_optimizer,
+                state.value_params,
+                state.value_opt_state,
+                minibatch,
+                key,
+                accum,
             )
             state = state.replace(value_params=value.params, value_opt_state=value.opt_state)
             metrics.update({k: v for k, v in value.metrics.items() if k != "loss"}, value_grad_norm=value.grad_norm)
@@ -595,7 +670,9 @@ class PPOTrainer:
         metrics["skipped"] = (skipped > 0).astype(jnp.float32)
         return state, metrics
 
-    def update(self, state: PPOState, experience: dict, observed_kl: jax.Array, rng: jax.Array, *, train_policy: bool = True):
+    def update(
+        self, state: PPOState, experience: dict, observed_kl: jax.Array, rng: jax.Array, *, train_policy: bool = True
+    ):
         """``ppo_epochs`` x ``num_minibatches`` steps of both models on one scored rollout (donates ``state``)."""
         return self._update(state, experience, observed_kl, rng, train_policy=train_policy)
 
@@ -629,14 +706,26 @@ class PPOTrainer:
             return {}
         rollout, per_row = self._last_rollout
         # A collective in a multi-host job (every host calls this at the same step); rows span hosts.
-        host = multihost_utils.process_allgather({
-            "prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-            "response_ids": rollout.response_ids, "response_mask": rollout.response_mask,
-            "finished": rollout.finished, "row_mask": rollout.row_mask, **per_row,
-        }, tiled=True)
+        host = multihost_utils.process_allgather(
+            {
+                "prompt_ids": rollout.prompt_ids,
+                "prompt_mask": rollout.prompt_mask,
+                "response_ids": rollout.response_ids,
+                "response_mask": rollout.response_mask,
+                "finished": rollout.finished,
+                "row_mask": rollout.row_mask,
+                **per_row,
+            },
+            tiled=True,
+        )
         columns: dict[str, list] = {
-            "prompt": [], "response": [], "response_tokens": [], "finished": [],
-            "score": [], "score_penalized": [], "kl": [],
+            "prompt": [],
+            "response": [],
+            "response_tokens": [],
+            "finished": [],
+            "score": [],
+            "score_penalized": [],
+            "kl": [],
         }
         for row in np.flatnonzero(host["row_mask"] > 0)[: max_rows or self.config.ppo.samples_to_log]:
             prompt = host["prompt_ids"][row][host["prompt_mask"][row] > 0]
@@ -655,7 +744,9 @@ class PPOTrainer:
     def _eval_impl(self, params, frozen, batch):
         sampling = self.eval_sampling
         rollout = self._rollout_impl(params, batch, jax.random.key(0), sampling=sampling)
-        seqs = join_prompt_and_response(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+        seqs = join_prompt_and_response(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask
+        )
         mask = rollout.response_mask.astype(jnp.float32)
         ref_logprobs, score = self._frozen_judgement(frozen, seqs, rollout.response_ids)
         kl = ops.kl_estimate(rollout.sampler_logprobs, ref_logprobs, "k1") * mask
@@ -685,8 +776,12 @@ class PPOTrainer:
     def export(self, state: PPOState, directory: str) -> list[str]:
         """The policy to ``directory`` and the value model to ``<directory>_value`` (HF format)."""
         value_dir = value_export_dir(directory)
-        huggingface.save_hf(directory, self.policy_config, state.params, kind="causal_lm", pad_token_id=self.pad_token_id)
-        huggingface.save_hf(value_dir, self.value_config, state.value_params, kind="value", pad_token_id=self.pad_token_id)
+        huggingface.save_hf(
+            directory, self.policy_config, state.params, kind="causal_lm", pad_token_id=self.pad_token_id
+        )
+        huggingface.save_hf(
+            value_dir, self.value_config, state.value_params, kind="value", pad_token_id=self.pad_token_id
+        )
         return [directory, value_dir]
 
 
@@ -696,7 +791,12 @@ def value_export_dir(policy_dir: str) -> str:
 
 
 def make_trainer(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    *,
+    train_data,
+    eval_data,
     resuming: bool = False,
 ) -> PPOTrainer:
     """Loads the four models named by the config and builds the PPO trainer.
@@ -713,7 +813,9 @@ def make_trainer(
     # The reward model and (by default) the value model start from the same weights: the value head
     # begins as the reward head, Tulu 2.5's and InstructGPT's choice.
     reward_rng = jax.random.fold_in(rng, 1)
-    reward_config, _, reward = loading.load_model(loading.frozen_config(config.ppo.reward_model), "reward", mesh=mesh, rng=reward_rng)
+    reward_config, _, reward = loading.load_model(
+        loading.frozen_config(config.ppo.reward_model), "reward", mesh=mesh, rng=reward_rng
+    )
     value_config, _, value = loading.load_model(
         value_model_config(config), "value", mesh=mesh, rng=reward_rng, abstract=resuming
     )
@@ -736,8 +838,17 @@ def make_trainer(
     sampling = generation.SamplingConfig.from_config(sampling_values)
     eval_sampling = dataclasses.replace(sampling, greedy=True) if config.ppo.eval_greedy else sampling
     return PPOTrainer(
-        config=config, mesh=mesh, total_steps=total_steps, settings=settings, sampling=sampling,
-        eval_sampling=eval_sampling, policy_config=policy_config, value_config=value_config,
-        reward_config=reward_config, initial_params=params, initial_value_params=value,
-        frozen={"reference": reference, "reward": reward}, pad_token_id=int(pad_id),
+        config=config,
+        mesh=mesh,
+        total_steps=total_steps,
+        settings=settings,
+        sampling=sampling,
+        eval_sampling=eval_sampling,
+        policy_config=policy_config,
+        value_config=value_config,
+        reward_config=reward_config,
+        initial_params=params,
+        initial_value_params=value,
+        frozen={"reference": reference, "reward": reward},
+        pad_token_id=int(pad_id),
     )

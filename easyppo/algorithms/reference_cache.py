@@ -184,8 +184,13 @@ def store(cache_dir: str, components: Mapping[str, Any], values: np.ndarray) -> 
         np.save(values_path, values, allow_pickle=False)
         with open(values_path, "rb") as f:
             values_digest = _digest(f.read())
-        meta = {"components": components, "values_digest": values_digest, "shape": list(values.shape),
-                "dtype": str(values.dtype), "format_version": FORMAT_VERSION}
+        meta = {
+            "components": components,
+            "values_digest": values_digest,
+            "shape": list(values.shape),
+            "dtype": str(values.dtype),
+            "format_version": FORMAT_VERSION,
+        }
         with open(os.path.join(staging, META_FILE), "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
         _publish(staging, path, components, values.shape)

@@ -75,10 +75,24 @@ def finalize_metrics(means: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data,
-                 resuming: bool = False):
+def make_trainer(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    *,
+    train_data,
+    eval_data,
+    resuming: bool = False,
+):
     del train_data, eval_data  # the loop feeds the batches; nothing is precomputed
     return base.make_gradient_trainer(
-        config, mesh, total_steps, name=NAME, data_kind=DATA_KIND, kind=MODEL_KIND, resuming=resuming,
-        make_loss_fn=make_loss_fn, metric_finalizer=finalize_metrics,
+        config,
+        mesh,
+        total_steps,
+        name=NAME,
+        data_kind=DATA_KIND,
+        kind=MODEL_KIND,
+        resuming=resuming,
+        make_loss_fn=make_loss_fn,
+        metric_finalizer=finalize_metrics,
     )

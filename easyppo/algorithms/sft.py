@@ -26,19 +26,24 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def sequence_logprobs(module, model_config: llama.LlamaConfig, params, input_ids, attention_mask,
-                      position_ids, loss_mask, *, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def sequence_logprobs(
+    module,
+    model_config: llama.LlamaConfig,
+    params,
+    input_ids,
+    attention_mask,
+    position_ids,
+    loss_mask,
+    *,
+    chunk_size: int,
+) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs [B, T] of ``input_ids`` where ``loss_mask`` is set, and that mask shifted.
 
     Position t of the result scores token t + 1; the returned mask marks the scored positions.
     """
-    hidden = module.apply(
-        {"params": params}, input_ids, attention_mask, position_ids, method="hidden_states"
-    )
+    hidden = module.apply({"params": params}, input_ids, attention_mask, position_ids, method="hidden_states")
     targets, target_mask = ops.shift_for_next_token(input_ids, loss_mask)
-    logprobs = ops.token_logprobs(
-        hidden, llama.output_embedding(params, model_config), targets, chunk_size=chunk_size
-    )
+    logprobs = ops.token_logprobs(hidden, llama.output_embedding(params, model_config), targets, chunk_size=chunk_size)
     return logprobs, target_mask
 
 
@@ -48,8 +53,14 @@ def make_loss_fn(module, model_config: llama.LlamaConfig, config: ml_collections
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng
         logprobs, mask = sequence_logprobs(
-            module, model_config, params, batch["input_ids"], batch["attention_mask"],
-            batch["position_ids"], batch["loss_mask"], chunk_size=chunk_size,
+            module,
+            model_config,
+            params,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["position_ids"],
+            batch["loss_mask"],
+            chunk_size=chunk_size,
         )
         nll_sum = -ops.masked_sum(logprobs, mask)
         tokens = jnp.sum(mask).astype(jnp.float32)
@@ -62,9 +73,23 @@ def make_loss_fn(module, model_config: llama.LlamaConfig, config: ml_collections
     return loss_fn
 
 
-def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, *, train_data, eval_data,
-                 resuming: bool = False):
+def make_trainer(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    *,
+    train_data,
+    eval_data,
+    resuming: bool = False,
+):
     del train_data, eval_data  # the loop feeds the batches; nothing is precomputed
     return base.make_gradient_trainer(
-        config, mesh, total_steps, name=NAME, data_kind=DATA_KIND, kind=MODEL_KIND, resuming=resuming, make_loss_fn=make_loss_fn
+        config,
+        mesh,
+        total_steps,
+        name=NAME,
+        data_kind=DATA_KIND,
+        kind=MODEL_KIND,
+        resuming=resuming,
+        make_loss_fn=make_loss_fn,
     )

@@ -45,7 +45,9 @@ def parse_mesh(text: str) -> ml_collections.ConfigDict:
     except ValueError:
         sizes = []
     if len(sizes) != len(sharding_lib.MESH_AXES):
-        raise argparse.ArgumentTypeError(f"expected {','.join(sharding_lib.MESH_AXES).upper()} sizes such as 1,-1,1, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected {','.join(sharding_lib.MESH_AXES).upper()} sizes such as 1,-1,1, got {text!r}"
+        )
     return ml_collections.ConfigDict(dict(zip(sharding_lib.MESH_AXES, sizes)))
 
 
@@ -66,8 +68,7 @@ def _print_verify(result: VerifyResult, tolerance: float | None) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="easyppo convert",
-        description="Convert LLaMA checkpoints between Hugging Face and easyppo, "
-        "and check them against transformers.",
+        description="Convert LLaMA checkpoints between Hugging Face and easyppo, and check them against transformers.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -75,52 +76,53 @@ def _build_parser() -> argparse.ArgumentParser:
     to_easyppo.add_argument("hf_dir", help="Hugging Face model directory (config.json + weights)")
     to_easyppo.add_argument("out_dir", help="new easyppo model checkpoint directory")
     to_easyppo.add_argument("--kind", choices=KINDS, help="default: causal_lm or reward, from config.json")
-    to_easyppo.add_argument(
-        "--param_dtype", choices=DTYPES, help="default: the dtype the weights are stored in"
-    )
-    to_easyppo.add_argument(
-        "--scan_layers", action="store_true", help="store the layers stacked, for scan_layers=True"
-    )
+    to_easyppo.add_argument("--param_dtype", choices=DTYPES, help="default: the dtype the weights are stored in")
+    to_easyppo.add_argument("--scan_layers", action="store_true", help="store the layers stacked, for scan_layers=True")
     to_easyppo.add_argument("--verify", action="store_true", help="afterwards, compare with transformers")
 
     to_hf = commands.add_parser("to-hf", help="easyppo model checkpoint -> HF directory")
     for command in (to_easyppo, to_hf):
         command.add_argument(
-            "--mesh", type=parse_mesh, metavar="DATA,FSDP,TENSOR",
+            "--mesh",
+            type=parse_mesh,
+            metavar="DATA,FSDP,TENSOR",
             help="split the parameters over this mesh of every device (e.g. 1,-1,1: FSDP over all), so a "
             "model larger than one device's memory converts; default: the first local device",
         )
     to_hf.add_argument("checkpoint_dir", help="easyppo model checkpoint directory")
     to_hf.add_argument("out_dir", help="new Hugging Face model directory")
     to_hf.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's parameter dtype")
-    to_hf.add_argument(
-        "--pad_token_id", type=int, help="reward/value models: overrides the config's pad token id"
-    )
+    to_hf.add_argument("--pad_token_id", type=int, help="reward/value models: overrides the config's pad token id")
     to_hf.add_argument("--tokenizer_dir", help="copy tokenizer files from here (default: the checkpoint)")
     to_hf.add_argument(
-        "--max_shard_size", type=parse_size, default=hf_files.DEFAULT_MAX_SHARD_BYTES,
+        "--max_shard_size",
+        type=parse_size,
+        default=hf_files.DEFAULT_MAX_SHARD_BYTES,
         help="split the weights into files of at most this size (default 5GiB)",
     )
     to_hf.add_argument("--verify", action="store_true", help="afterwards, compare with transformers")
 
     check = commands.add_parser("verify", help="compare easyppo's logits/scores with transformers'")
     check.add_argument("hf_dir", help="Hugging Face model directory (the reference)")
-    check.add_argument(
-        "--checkpoint", help="easyppo model checkpoint to check (default: hf_dir converted in memory)"
-    )
+    check.add_argument("--checkpoint", help="easyppo model checkpoint to check (default: hf_dir converted in memory)")
     check.add_argument("--kind", choices=KINDS, help="default: from the checkpoint or config.json")
     for command in (check, to_easyppo, to_hf):
         group = command if command is check else command.add_argument_group("verification (with --verify)")
         dtype_flag = "--dtype" if command is check else "--verify_dtype"
-        group.add_argument(dtype_flag, dest="verify_dtype", choices=DTYPES, default="float32",
-                           help="compute dtype of both models during the check (default float32)")
+        group.add_argument(
+            dtype_flag,
+            dest="verify_dtype",
+            choices=DTYPES,
+            default="float32",
+            help="compute dtype of both models during the check (default float32)",
+        )
         group.add_argument("--batch_size", type=int, default=4, help="random sequences (default 4)")
         group.add_argument("--seq_len", type=int, default=16, help="longest sequence (default 16)")
         group.add_argument("--seed", type=int, default=0, help="seed of the random tokens and lengths")
         group.add_argument(
-            "--tolerance", type=float,
-            help="max abs difference allowed "
-            "(default: 1e-4 x the largest |output| in float32, 5e-2 in bfloat16)",
+            "--tolerance",
+            type=float,
+            help="max abs difference allowed (default: 1e-4 x the largest |output| in float32, 5e-2 in bfloat16)",
         )
     return parser
 
@@ -128,9 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``easyppo convert``; ``argv`` excludes the program name. Returns the exit code."""
     args = _build_parser().parse_args(argv)
-    verify_options = dict(
-        dtype=args.verify_dtype, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed
-    )
+    verify_options = dict(dtype=args.verify_dtype, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
     try:
         distributed.initialize()  # every host of a pod runs the same command (EASYPPO_DISTRIBUTED)
         mesh = sharding_lib.make_mesh(args.mesh) if getattr(args, "mesh", None) is not None else None

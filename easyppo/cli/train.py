@@ -58,7 +58,8 @@ def resolve_config_reference(reference: str) -> str:
     presets = installed_presets()
     if name not in presets:
         raise run_config.ConfigError(
-            "config", f"{reference!r} is neither a config file nor ALGORITHM:PRESET with ALGORITHM one of {sorted(presets)}"
+            "config",
+            f"{reference!r} is neither a config file nor ALGORITHM:PRESET with ALGORITHM one of {sorted(presets)}",
         )
     if preset and preset not in presets[name]:
         raise run_config.ConfigError("config", f"{name} has no preset {preset!r}; choose one of {list(presets[name])}")
@@ -75,22 +76,26 @@ def config_from_argv(argv: Sequence[str]) -> ml_collections.ConfigDict:
     argv = [_resolved(arg) for arg in argv]
     base_args = [argv[0]] + [a for a in argv[1:] if not a.startswith("--config.")]
     base = _parse_config_flags(base_args)
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
     run_config.check_override_keys(base, overrides)
     return _parse_config_flags(argv)
 
 
 def _resolved(arg: str) -> str:
     if arg.startswith("--config="):
-        return "--config=" + resolve_config_reference(arg[len("--config="):])
+        return "--config=" + resolve_config_reference(arg[len("--config=") :])
     return arg
 
 
 def _parse_config_flags(argv: list[str]) -> ml_collections.ConfigDict:
     flag_values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file(
-        "config", None, "Run config, e.g. ppo:demo or configs/rm.py:demo", flag_values=flag_values,
-        lock_config=True, sys_argv=argv,
+        "config",
+        None,
+        "Run config, e.g. ppo:demo or configs/rm.py:demo",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=argv,
     )
     try:
         rest = flag_values(argv)

@@ -52,9 +52,7 @@ def accumulate_gradients(
     device, so no data moves and no device idles while the scan runs.
     """
     if num_microbatches < 1:
-        raise ValueError(
-            f"accumulate_gradients: num_microbatches must be >= 1, got {num_microbatches}"
-        )
+        raise ValueError(f"accumulate_gradients: num_microbatches must be >= 1, got {num_microbatches}")
     _check_batch_divides(batch, num_microbatches)
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -81,14 +79,10 @@ def accumulate_gradients(
         zero = jnp.zeros((), jnp.float32)
         zero_metrics = {name: (zero, zero) for name in metrics_shape}
         indices = jnp.arange(num_microbatches)
-        (grad_sums, metric_sums), _ = lax.scan(
-            accumulate, (zero_grads, zero_metrics), (indices, microbatches)
-        )
+        (grad_sums, metric_sums), _ = lax.scan(accumulate, (zero_grads, zero_metrics), (indices, microbatches))
 
     loss_count = metric_sums["loss"][1]
-    grads = jax.tree.map(
-        lambda g, p: safe_divide(g, loss_count).astype(jnp.result_type(p)), grad_sums, params
-    )
+    grads = jax.tree.map(lambda g, p: safe_divide(g, loss_count).astype(jnp.result_type(p)), grad_sums, params)
     metric_means = {name: safe_divide(total, count) for name, (total, count) in metric_sums.items()}
     return grads, metric_means
 
@@ -103,19 +97,13 @@ def _check_batch_divides(batch: Any, num_microbatches: int) -> None:
     leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
     if not leaves:
         raise ValueError("accumulate_gradients: the batch has no arrays")
-    sizes = {
-        jax.tree_util.keystr(path): jnp.shape(x)[0] if jnp.ndim(x) else None for path, x in leaves
-    }
+    sizes = {jax.tree_util.keystr(path): jnp.shape(x)[0] if jnp.ndim(x) else None for path, x in leaves}
     if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(
-            "accumulate_gradients: every batch array needs the same leading batch axis; "
-            f"got {sizes}"
-        )
+        raise ValueError(f"accumulate_gradients: every batch array needs the same leading batch axis; got {sizes}")
     batch_size = next(iter(sizes.values()))
     if batch_size % num_microbatches:
         raise ValueError(
-            f"accumulate_gradients: batch size {batch_size} is not divisible by "
-            f"num_microbatches={num_microbatches}"
+            f"accumulate_gradients: batch size {batch_size} is not divisible by num_microbatches={num_microbatches}"
         )
 
 
@@ -126,14 +114,9 @@ def _check_metrics(metrics: Any) -> None:
             f"holding 'loss': (loss_sum, loss_count); got metrics={metrics!r}"
         )
     for name, pair in metrics.items():
-        if not (
-            isinstance(pair, (tuple, list))
-            and len(pair) == 2
-            and all(jnp.shape(x) == () for x in pair)
-        ):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(jnp.shape(x) == () for x in pair)):
             raise ValueError(
-                f"accumulate_gradients: metric {name!r} must be a (sum, count) pair of scalars, "
-                f"got {pair!r}"
+                f"accumulate_gradients: metric {name!r} must be a (sum, count) pair of scalars, got {pair!r}"
             )
 
 

@@ -70,14 +70,10 @@ def token_logprobs(
         raise ValueError(f"token_logprobs: hidden must be [B, T, D], got shape {hidden.shape}")
     if output_embedding.ndim != 2 or output_embedding.shape[0] != hidden.shape[-1]:
         raise ValueError(
-            f"token_logprobs: output_embedding must be [D={hidden.shape[-1]}, V], "
-            f"got shape {output_embedding.shape}"
+            f"token_logprobs: output_embedding must be [D={hidden.shape[-1]}, V], got shape {output_embedding.shape}"
         )
     if targets.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"token_logprobs: targets shape {targets.shape} must equal hidden's [B, T] "
-            f"{hidden.shape[:2]}"
-        )
+        raise ValueError(f"token_logprobs: targets shape {targets.shape} must equal hidden's [B, T] {hidden.shape[:2]}")
     if chunk_size < 1:
         raise ValueError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
 
@@ -194,9 +190,7 @@ def masked_var(
     return safe_divide(sum_sq, count)
 
 
-def masked_whiten(
-    x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8
-) -> jax.Array:
+def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
     """(x - mean) / std over all selected elements of the batch; masked-out positions become 0.
 
     With `shift_mean=False` the mean is added back, so only the scale changes (used when the sign of

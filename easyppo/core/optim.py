@@ -45,8 +45,7 @@ def warmup_steps(cfg: ml_collections.ConfigDict, total_steps: int) -> int:
     steps, ratio = cfg.warmup_steps, cfg.warmup_ratio
     if steps is not None and ratio is not None:
         raise ValueError(
-            f"optimizer config sets both warmup_steps={steps} and warmup_ratio={ratio}; "
-            "set only one of them"
+            f"optimizer config sets both warmup_steps={steps} and warmup_ratio={ratio}; set only one of them"
         )
     if ratio is not None:
         if not 0.0 <= ratio <= 1.0:
@@ -56,9 +55,7 @@ def warmup_steps(cfg: ml_collections.ConfigDict, total_steps: int) -> int:
     if steps is None:
         return 0
     if not 0 <= steps <= total_steps:
-        raise ValueError(
-            f"optimizer config warmup_steps must be in [0, total_steps={total_steps}], got {steps}"
-        )
+        raise ValueError(f"optimizer config warmup_steps must be in [0, total_steps={total_steps}], got {steps}")
     return steps
 
 
@@ -76,9 +73,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     if total_steps < 1:
         raise ValueError(f"make_schedule: total_steps must be >= 1, got {total_steps}")
     if cfg.schedule not in SCHEDULES:
-        raise ValueError(
-            f"optimizer config schedule={cfg.schedule!r} is unknown; expected one of {SCHEDULES}"
-        )
+        raise ValueError(f"optimizer config schedule={cfg.schedule!r} is unknown; expected one of {SCHEDULES}")
     if cfg.learning_rate < 0:
         raise ValueError(f"optimizer config learning_rate must be >= 0, got {cfg.learning_rate}")
     if cfg.end_lr_ratio < 0:
@@ -121,9 +116,7 @@ def _leaf_name(path) -> str:
     return str(last)
 
 
-def make_optimizer(
-    cfg: ml_collections.ConfigDict, total_steps: int
-) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     """Clip gradients by global norm (if enabled), then AdamW with the schedule and decay mask.
 
     Clipping comes first so that it acts on the raw gradient, before Adam's normalisation and the
@@ -135,9 +128,7 @@ def make_optimizer(
     if cfg.weight_decay < 0:
         raise ValueError(f"optimizer config weight_decay must be >= 0, got {cfg.weight_decay}")
     if cfg.clip_grad_norm is not None and cfg.clip_grad_norm < 0:
-        raise ValueError(
-            f"optimizer config clip_grad_norm must be >= 0 (0 disables), got {cfg.clip_grad_norm}"
-        )
+        raise ValueError(f"optimizer config clip_grad_norm must be >= 0 (0 disables), got {cfg.clip_grad_norm}")
 
     clip = optax.clip_by_global_norm(cfg.clip_grad_norm) if cfg.clip_grad_norm else optax.identity()
     adamw = optax.adamw(

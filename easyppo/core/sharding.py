@@ -95,9 +95,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(cfg, len(devices))
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 # ----------------------------------------------------------------------------------------- rules
@@ -150,9 +148,7 @@ def _check_divisible(name: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> 
         axes = entry if isinstance(entry, tuple) else (entry,)
         unknown = [axis for axis in axes if axis not in mesh.shape]
         if unknown:
-            raise ValueError(
-                f"{name!r} is sharded over {unknown}, which are not axes of the mesh {mesh.axis_names}"
-            )
+            raise ValueError(f"{name!r} is sharded over {unknown}, which are not axes of the mesh {mesh.axis_names}")
         shards = math.prod(mesh.shape[axis] for axis in axes)
         if size % shards:
             raise ValueError(
@@ -208,9 +204,7 @@ def optimizer_state_specs(opt_state: PyTree, params: PyTree, rules: PartitionRul
     """
     param_leaves = jax.tree_util.tree_leaves_with_path(params)
     param_specs = jax.tree.leaves(partition_specs(params, rules))
-    by_path = {
-        path_to_str(path): (_shape(leaf), spec) for (path, leaf), spec in zip(param_leaves, param_specs)
-    }
+    by_path = {path_to_str(path): (_shape(leaf), spec) for (path, leaf), spec in zip(param_leaves, param_specs)}
 
     def spec_for(path, leaf):
         name, shape = path_to_str(path), _shape(leaf)

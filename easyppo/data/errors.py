@@ -32,9 +32,7 @@ class RowError(ValueError):
       detail: the human-readable explanation without the location prefix.
     """
 
-    def __init__(
-        self, source: str, row: int | None, field: str | None, reason: str, detail: str
-    ) -> None:
+    def __init__(self, source: str, row: int | None, field: str | None, reason: str, detail: str) -> None:
         self.source = source
         self.row = row
         self.field = field
@@ -64,10 +62,7 @@ class BadRowsError(ValueError):
         self.errors = list(errors)
         self.num_rows = num_rows
         if headline is None:
-            headline = (
-                f"{len(self.errors)} of {num_rows} rows are malformed "
-                "(set data.on_bad_row='skip' to skip them)"
-            )
+            headline = f"{len(self.errors)} of {num_rows} rows are malformed (set data.on_bad_row='skip' to skip them)"
         self.headline = headline
         super().__init__(_with_examples(headline, self.errors))
 

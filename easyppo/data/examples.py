@@ -150,7 +150,9 @@ class RowEncoder:
         columns = {
             "sft": {"input_ids": "list<int32>", "loss_mask": "list<int8>"},
             "preference": {
-                "prompt_ids": "list<int32>", "chosen_ids": "list<int32>", "rejected_ids": "list<int32>",
+                "prompt_ids": "list<int32>",
+                "chosen_ids": "list<int32>",
+                "rejected_ids": "list<int32>",
                 "margin": "float32",
             },
             "prompt": {"prompt_ids": "list<int32>"},
@@ -411,9 +413,7 @@ class ExampleBatcher:
     Position ids count real tokens from 0 (``cumsum(attention_mask) - 1``) and are 0 on padding.
     """
 
-    def __init__(
-        self, tokenized, settings: ExampleSettings, *, pad_id: int, rows: np.ndarray | None = None
-    ) -> None:
+    def __init__(self, tokenized, settings: ExampleSettings, *, pad_id: int, rows: np.ndarray | None = None) -> None:
         """
         Args:
           tokenized: the ``datasets.Dataset`` from :func:`tokenize_records`.
@@ -505,9 +505,7 @@ def _pad_right(
     return out, (columns < start).astype(np.int32)
 
 
-def _pad_left(
-    values: np.ndarray, offsets: np.ndarray, width: int, pad_value: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _pad_left(values: np.ndarray, offsets: np.ndarray, width: int, pad_value: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-aligns each ragged row in ``width`` columns, padding on the left; returns (values, mask)."""
     lengths = np.diff(offsets)[:, None]
     columns = np.arange(width)[None, :]

@@ -140,9 +140,7 @@ def check_policy(config: config_dict.ConfigDict) -> None:
         raise DataConfigError("num_proc", f"must be at least 1, got {config.num_proc}")
 
 
-def enforce_bad_row_policy(
-    errors: list[RowError], num_rows: int, *, on_bad_row: str, max_bad_fraction: float
-) -> None:
+def enforce_bad_row_policy(errors: list[RowError], num_rows: int, *, on_bad_row: str, max_bad_fraction: float) -> None:
     """Raises if bad rows are not allowed, or if there are more than the allowed fraction."""
     if not errors:
         return

@@ -123,9 +123,7 @@ def _normalise_preference(where: _Where, value: Any) -> dict[str, Any]:
         chosen_text = _response_string(where, chosen, "chosen")
         rejected_text = _response_string(where, rejected, "rejected")
     else:
-        raise where.error(
-            "chosen", "wrong_type", f"expected an array of messages or a string, got {type_name(chosen)}"
-        )
+        raise where.error("chosen", "wrong_type", f"expected an array of messages or a string, got {type_name(chosen)}")
     return {"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text, "margin": _margin(where, row)}
 
 
@@ -135,7 +133,8 @@ def _normalise_prompt(where: _Where, value: Any) -> dict[str, Any]:
         messages = _conversation(where, row, "messages")
         if messages[-1]["role"] != "user":
             raise where.error(
-                f"messages[{len(messages) - 1}].role", "bad_conversation_end",
+                f"messages[{len(messages) - 1}].role",
+                "bad_conversation_end",
                 f"a prompt must end with a user turn, got '{messages[-1]['role']}'",
             )
         _check_turn_order(where, messages, "messages")
@@ -143,7 +142,8 @@ def _normalise_prompt(where: _Where, value: Any) -> dict[str, Any]:
     if row.get("prompt") is not None:
         return {"prompt": [{"role": "user", "content": _prompt_string(where, row)}]}
     raise where.error(
-        "messages", "missing_field",
+        "messages",
+        "missing_field",
         "is missing: a prompt row needs 'messages' (a conversation ending in a user turn) or 'prompt' (a string)",
     )
 
@@ -207,7 +207,8 @@ def _check_ends_with_trained_assistant(where: _Where, messages: list[Message], f
     last = len(messages) - 1
     if messages[last]["role"] != "assistant":
         raise where.error(
-            f"{field}[{last}].role", "bad_conversation_end",
+            f"{field}[{last}].role",
+            "bad_conversation_end",
             f"the conversation must end with an assistant turn, got '{messages[last]['role']}'",
         )
     if not messages[last]["content"].strip():
@@ -227,7 +228,8 @@ def _check_turn_order(where: _Where, messages: list[Message], field: str) -> Non
         previous = messages[i - 1]["role"]
         if previous != "user":
             raise where.error(
-                f"{field}[{i}].role", "bad_turn_order",
+                f"{field}[{i}].role",
+                "bad_turn_order",
                 f"an assistant turn must directly follow a user turn, but this one follows '{previous}'",
             )
 
@@ -237,13 +239,15 @@ def _check_same_prompt(where: _Where, chosen_prompt: list[Message], rejected_pro
         for key in ("role", "content"):
             if chosen[key] != rejected[key]:
                 raise where.error(
-                    f"rejected[{i}].{key}", "prompt_mismatch",
+                    f"rejected[{i}].{key}",
+                    "prompt_mismatch",
                     f"chosen and rejected must share the prompt, but message {i} differs "
                     f"(chosen: {_preview(chosen[key])}, rejected: {_preview(rejected[key])})",
                 )
     if len(chosen_prompt) != len(rejected_prompt):
         raise where.error(
-            "rejected", "prompt_mismatch",
+            "rejected",
+            "prompt_mismatch",
             f"chosen and rejected must share the prompt, but chosen has {len(chosen_prompt)} prompt "
             f"messages and rejected has {len(rejected_prompt)}",
         )

@@ -160,7 +160,10 @@ def read_json(path: str) -> Iterator[RawRecord]:
         ) from None
     if not isinstance(document, list):
         raise RowError(
-            path, None, None, "wrong_type",
+            path,
+            None,
+            None,
+            "wrong_type",
             f"expected a JSON array of row objects at the top level, got {type_name(document)}",
         )
     for index, value in enumerate(document):
@@ -298,4 +301,3 @@ def type_name(value: Any) -> str:
     if isinstance(value, (int, float)):
         return "number"
     return type(value).__name__
-

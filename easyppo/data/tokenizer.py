@@ -89,9 +89,7 @@ class _SentencePieceBackend:
         proto.normalizer_spec.add_dummy_prefix = False
         self._sp_continuation = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.vocab_size = self._sp.get_piece_size()
-        self.special_tokens = {
-            self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)
-        }
+        self.special_tokens = {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
         self._special_ids = frozenset(self.special_tokens.values())
         self.default_special_ids = {
             name: (i if i >= 0 else None)

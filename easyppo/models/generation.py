@@ -94,8 +94,7 @@ class SamplingConfig:
             raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
         if not self.greedy and not self.temperature > 0:
             raise ValueError(
-                f"sampling.temperature={self.temperature} must be > 0; set sampling.greedy=True for "
-                "argmax decoding"
+                f"sampling.temperature={self.temperature} must be > 0; set sampling.greedy=True for argmax decoding"
             )
         if self.top_k < 0:
             raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 disables top-k)")
@@ -273,8 +272,9 @@ def _constrain_cache(cache: llama.KVCache) -> llama.KVCache:
     )
 
 
-def _check_inputs(prompt_ids: jax.Array, prompt_mask: jax.Array, model_config: llama.LlamaConfig,
-                  sampling: SamplingConfig) -> None:
+def _check_inputs(
+    prompt_ids: jax.Array, prompt_mask: jax.Array, model_config: llama.LlamaConfig, sampling: SamplingConfig
+) -> None:
     if prompt_ids.ndim != 2:
         raise ValueError(f"generate: prompt_ids must be [batch, prompt_len], got shape {prompt_ids.shape}")
     if prompt_mask.shape != prompt_ids.shape:
@@ -350,8 +350,11 @@ def generate(
         finished=jnp.zeros((batch,), jnp.bool_),
     )
     state = _DecodeState(
-        step=jnp.int32(1), cache=_constrain_cache(cache), last_token=first.tokens,
-        done=is_stop(first.tokens), out=out,
+        step=jnp.int32(1),
+        cache=_constrain_cache(cache),
+        last_token=first.tokens,
+        done=is_stop(first.tokens),
+        out=out,
     )
 
     def keep_going(state: _DecodeState) -> jax.Array:

@@ -146,9 +146,21 @@ class LlamaConfig:
         return total
 
     _HF_FIELDS = (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-        "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "tie_word_embeddings",
+        "initializer_range",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
     )
 
     @classmethod
@@ -188,26 +200,51 @@ class LlamaConfig:
 PRESETS: dict[str, LlamaConfig] = {
     # A model that compiles in about a second on a CPU: for tests and the demo.
     "tiny": LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     ),
     "llama2_7b": LlamaConfig(),
     "llama2_13b": LlamaConfig(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
     ),
     "llama2_70b": LlamaConfig(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
         num_key_value_heads=8,
     ),
     "llama3_8b": LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=128000,
+        eos_token_id=128001,
     ),
     "llama3_70b": LlamaConfig(
-        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=128000,
+        eos_token_id=128001,
     ),
 }
 PRESETS["llama3.1_8b"] = PRESETS["llama3_8b"].replace(
@@ -249,9 +286,7 @@ def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     high_freq_wavelen = old_context / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)
@@ -426,9 +461,7 @@ def _attention_mask(attention_mask: jax.Array, cache: KVCache | None) -> tuple[j
         key_slots = jnp.arange(length)[None, :]
         new_cache_mask = None
     else:
-        new_cache_mask = jax.lax.dynamic_update_slice(
-            cache.mask, attention_mask.astype(jnp.bool_), (0, cache.index)
-        )
+        new_cache_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask.astype(jnp.bool_), (0, cache.index))
         key_valid = new_cache_mask
         key_slots = jnp.arange(cache.max_length)[None, :]
         query_slots = query_slots + cache.index
@@ -483,9 +516,7 @@ class LlamaModel(nn.Module):
         if cache is None:
             return hidden, None
         keys, values = stacked_cache
-        new_cache = KVCache(
-            keys=keys, values=values, mask=new_cache_mask, index=cache.index + input_ids.shape[1]
-        )
+        new_cache = KVCache(keys=keys, values=values, mask=new_cache_mask, index=cache.index + input_ids.shape[1])
         return hidden, new_cache
 
 
@@ -498,9 +529,7 @@ def output_embedding(params: dict, config: LlamaConfig) -> jax.Array:
 
 def project_logits(hidden: jax.Array, kernel: jax.Array, config: LlamaConfig) -> jax.Array:
     """Hidden states times the [D, V] output matrix, in the compute dtype with float32 results."""
-    return jnp.einsum(
-        "...d,dv->...v", hidden, kernel.astype(config.compute_dtype), preferred_element_type=jnp.float32
-    )
+    return jnp.einsum("...d,dv->...v", hidden, kernel.astype(config.compute_dtype), preferred_element_type=jnp.float32)
 
 
 class LMHead(nn.Module):

@@ -59,6 +59,7 @@ def check_model_fits_mesh(model_config: LlamaConfig, mesh: Mesh) -> None:
     ]
     if problems:
         raise ValueError(
-            "the model does not fit the mesh: " + "; ".join(problems)
+            "the model does not fit the mesh: "
+            + "; ".join(problems)
             + ". Change the mesh sizes (mesh.tensor / mesh.fsdp) or the model."
         )

@@ -106,7 +106,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     """Cheap consistency checks; raises ConfigError naming the key. Runs before anything loads."""
     module = get_algorithm(config.algorithm)
     if config.data.kind != module.DATA_KIND:
-        raise ConfigError("data.kind", f"{config.algorithm} trains on {module.DATA_KIND!r} rows, not {config.data.kind!r}")
+        raise ConfigError(
+            "data.kind", f"{config.algorithm} trains on {module.DATA_KIND!r} rows, not {config.data.kind!r}"
+        )
     try:
         mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, num_devices)))
     except ValueError as e:
@@ -140,7 +142,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
         )
     prompt_len = config.data.max_prompt_len
     if prompt_len is not None and config.data.kind != "prompt" and prompt_len >= config.data.max_seq_len:
-        raise ConfigError("data.max_prompt_len", f"{prompt_len} leaves no room for a response in max_seq_len={config.data.max_seq_len}")
+        raise ConfigError(
+            "data.max_prompt_len",
+            f"{prompt_len} leaves no room for a response in max_seq_len={config.data.max_seq_len}",
+        )
     if config.train.num_steps < 0:
         raise ConfigError("train.num_steps", f"must be >= 0, got {config.train.num_steps}")
     if not config.train.num_steps and not config.data.num_epochs:

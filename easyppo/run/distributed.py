@@ -56,6 +56,7 @@ _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PRO
 class DistributedConfigError(ValueError):
     """A bad ``EASYPPO_DISTRIBUTED`` mode or cluster environment variable; the message names it."""
 
+
 @dataclasses.dataclass(frozen=True)
 class ClusterSignal:
     """What the environment says about the job: one process or several, and why.
@@ -123,7 +124,9 @@ def initialize(mode: str | None = None, *, environ: Mapping[str, str] | None = N
     if mode not in MODES:
         close = difflib.get_close_matches(str(mode), MODES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise DistributedConfigError(f"{source}={mode!r} is not a distributed mode: use one of {', '.join(MODES)}{hint}")
+        raise DistributedConfigError(
+            f"{source}={mode!r} is not a distributed mode: use one of {', '.join(MODES)}{hint}"
+        )
 
     if jax.distributed.is_initialized():
         reason = "already initialized"
@@ -169,12 +172,16 @@ def _manual_cluster(environ: Mapping[str, str]) -> ClusterSignal | None:
     if address is None:
         given = [name for name, value in counts.items() if value is not None]
         if given:
-            raise DistributedConfigError(f"{' and '.join(given)} set without JAX_COORDINATOR_ADDRESS=host:port of process 0")
+            raise DistributedConfigError(
+                f"{' and '.join(given)} set without JAX_COORDINATOR_ADDRESS=host:port of process 0"
+            )
         return None
     num_processes = _int_var(environ, NUM_PROCESSES_ENV_VAR, default=None)
     process_id = _int_var(environ, PROCESS_ID_ENV_VAR, default=None)
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise DistributedConfigError(f"{PROCESS_ID_ENV_VAR}={process_id} must be in [0, {NUM_PROCESSES_ENV_VAR}={num_processes})")
+        raise DistributedConfigError(
+            f"{PROCESS_ID_ENV_VAR}={process_id} must be in [0, {NUM_PROCESSES_ENV_VAR}={num_processes})"
+        )
     return ClusterSignal(True, f"JAX_COORDINATOR_ADDRESS={address}", address, num_processes, process_id)
 
 

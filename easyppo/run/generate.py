@@ -182,8 +182,9 @@ def check_options(options: GenerateOptions) -> None:
         raise OptionError("output", f"{options.output} is also the prompts file; it would be overwritten")
 
 
-def sampling_config(options: GenerateOptions, tokenizer: Tokenizer, chat_format: ChatFormat,
-                    model_config: llama.LlamaConfig) -> generation.SamplingConfig:
+def sampling_config(
+    options: GenerateOptions, tokenizer: Tokenizer, chat_format: ChatFormat, model_config: llama.LlamaConfig
+) -> generation.SamplingConfig:
     """The sampler's settings: stop at the model's EOS, the tokenizer's EOS and the end-of-turn token.
 
     Greedy decoding ignores temperature, top-k and top-p; they are reset to their defaults so that
@@ -284,9 +285,15 @@ def _data_config(
 
 # The data options this CLI sets from its own flags, so that their errors name the flag.
 _FLAG_OF_DATA_KEY = {
-    "tokenizer_path": "tokenizer", "chat_format": "chat_format", "max_prompt_len": "max_prompt_len",
-    "truncation": "truncation", "bos_id": "tokenizer", "eos_id": "tokenizer", "pad_id": "pad_id",
-    "num_proc": "num_proc", "path": "prompts",
+    "tokenizer_path": "tokenizer",
+    "chat_format": "chat_format",
+    "max_prompt_len": "max_prompt_len",
+    "truncation": "truncation",
+    "bos_id": "tokenizer",
+    "eos_id": "tokenizer",
+    "pad_id": "pad_id",
+    "num_proc": "num_proc",
+    "path": "prompts",
 }
 
 
@@ -331,19 +338,27 @@ def _resolve_model(
     return cfg, architecture
 
 
-def _check_model(flag: str, architecture: llama.LlamaConfig, tokenizer: Tokenizer, prompt_len: int,
-                 max_new_tokens: int, mesh: jax.sharding.Mesh) -> None:
+def _check_model(
+    flag: str,
+    architecture: llama.LlamaConfig,
+    tokenizer: Tokenizer,
+    prompt_len: int,
+    max_new_tokens: int,
+    mesh: jax.sharding.Mesh,
+) -> None:
     """Fails, naming ``--flag``, if the model cannot read this tokenizer's ids, these lengths or the mesh."""
     if tokenizer.vocab_size > architecture.vocab_size:
         raise OptionError(
-            flag, f"the model's vocab_size={architecture.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens ({tokenizer.source}); is this the right tokenizer?"
+            flag,
+            f"the model's vocab_size={architecture.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens ({tokenizer.source}); is this the right tokenizer?",
         )
     if prompt_len + max_new_tokens > architecture.max_position_embeddings:
         raise OptionError(
-            flag, f"the longest prompt ({prompt_len} tokens) + --max_new_tokens={max_new_tokens} exceeds the "
+            flag,
+            f"the longest prompt ({prompt_len} tokens) + --max_new_tokens={max_new_tokens} exceeds the "
             f"model's max_position_embeddings={architecture.max_position_embeddings}; lower --max_prompt_len "
-            "or --max_new_tokens"
+            "or --max_new_tokens",
         )
     try:
         partitioning.check_model_fits_mesh(architecture, mesh)
@@ -412,9 +427,16 @@ def plan_run(options: GenerateOptions) -> Plan:
     if options.greedy and options.num_samples > 1:
         logger.warning("--greedy with --num_samples=%d: every sample of a prompt is the same", options.num_samples)
     return Plan(
-        options=options, mesh=mesh, tokenizer=tokenizer, chat_format=chat_format, data=data, data_config=data_cfg,
-        prompt_width=width, sampling=sampling_config(options, tokenizer, chat_format, policy_architecture),
-        policy_config=policy_cfg, reward_config=reward_cfg,
+        options=options,
+        mesh=mesh,
+        tokenizer=tokenizer,
+        chat_format=chat_format,
+        data=data,
+        data_config=data_cfg,
+        prompt_width=width,
+        sampling=sampling_config(options, tokenizer, chat_format, policy_architecture),
+        policy_config=policy_cfg,
+        reward_config=reward_cfg,
     )
 
 
@@ -463,8 +485,12 @@ def generate_batches(plan: Plan, rng: jax.Array) -> Iterator[dict[str, np.ndarra
         )
         with jax.set_mesh(plan.mesh):
             out = generation.generate(
-                params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(sample_rng, batch_number),
-                model_config=model_config, sampling=plan.sampling,
+                params,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                jax.random.fold_in(sample_rng, batch_number),
+                model_config=model_config,
+                sampling=plan.sampling,
             )
             batch.update(tokens=out.tokens, response_mask=out.response_mask, finished=out.finished)
             if score is not None:
@@ -546,9 +572,13 @@ def generate_file(options: GenerateOptions) -> GenerateSummary:
     writer = jax.process_index() == 0
     rows = finished = response_tokens = 0
     score = 0.0
-    bar = tqdm.tqdm(total=len(plan.data.batcher), unit="prompt", dynamic_ncols=True,
-                    disable=True if not (options.progress and writer) else None)  # None: only on a terminal
-    with bar, (atomic_output(options.output) if writer else contextlib.nullcontext()) as f:
+    bar = tqdm.tqdm(
+        total=len(plan.data.batcher),
+        unit="prompt",
+        dynamic_ncols=True,
+        disable=True if not (options.progress and writer) else None,
+    )  # None: only on a terminal
+    with bar, atomic_output(options.output) if writer else contextlib.nullcontext() as f:
         for batch in generate_batches(plan, jax.random.key(options.seed)):
             batch_rows = output_rows(batch, plan)
             if f is not None:

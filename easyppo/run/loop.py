@@ -177,9 +177,12 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
         if last_saved != step and checkpointer.save(step, state, train_iter.state(), force=force):
             last_saved = step
 
-    with metrics_lib.MetricLogger(
-        config.logging, total_steps=total_steps, start_step=step, run_config=config
-    ) as metrics_log, preemption.installed():
+    with (
+        metrics_lib.MetricLogger(
+            config.logging, total_steps=total_steps, start_step=step, run_config=config
+        ) as metrics_log,
+        preemption.installed(),
+    ):
         if eval_data is not None and config.eval.at_start and step == 0:
             initial_eval = evaluate(trainer, state, eval_data, config, mesh)
             metrics_log.log(step, {f"eval/{k}": v for k, v in initial_eval.items()})

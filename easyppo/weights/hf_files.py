@@ -179,9 +179,7 @@ class HFCheckpoint:
             self._index_file(file)
         for name, file in (weight_map or {}).items():
             if name not in self._info or self._info[name].file != file:
-                raise ValueError(
-                    f"the index in {model_dir} maps tensor {name!r} to {file}, which does not contain it"
-                )
+                raise ValueError(f"the index in {model_dir} maps tensor {name!r} to {file}, which does not contain it")
 
     # Discovery --------------------------------------------------------------------------------
     @staticmethod
@@ -200,9 +198,7 @@ class HFCheckpoint:
                 files = list(dict.fromkeys(weight_map.values()))
                 for file in files:
                     if not os.path.isfile(os.path.join(model_dir, file)):
-                        raise FileNotFoundError(
-                            f"{index_path} lists shard {file}, which is not in {model_dir}"
-                        )
+                        raise FileNotFoundError(f"{index_path} lists shard {file}, which is not in {model_dir}")
                 return fmt, files, weight_map
             if os.path.isfile(os.path.join(model_dir, single)):
                 return fmt, [single], None

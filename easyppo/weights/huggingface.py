@@ -215,9 +215,7 @@ def _resolve_shardings(
     return jax.tree.map(lambda _: device, abstract)
 
 
-def _check_hf_tensors(
-    checkpoint: hf_files.HFCheckpoint, links: Sequence[TensorLink], config: LlamaConfig
-) -> None:
+def _check_hf_tensors(checkpoint: hf_files.HFCheckpoint, links: Sequence[TensorLink], config: LlamaConfig) -> None:
     """Every expected tensor present with the shape ``config.json`` implies, and nothing unaccounted for."""
     for link in links:
         if link.hf_name not in checkpoint:
@@ -353,9 +351,7 @@ def load_hf(
 # ---------------------------------------------------------------------------------------- saving
 
 
-def hf_config_dict(
-    config: LlamaConfig, kind: str, *, dtype: str, pad_token_id: int | None = None
-) -> dict[str, Any]:
+def hf_config_dict(config: LlamaConfig, kind: str, *, dtype: str, pad_token_id: int | None = None) -> dict[str, Any]:
     """The ``config.json`` contents (as ``transformers.LlamaConfig`` keyword arguments) for ``kind``.
 
     Reward and value models become ``LlamaForSequenceClassification`` with ``num_labels=1``; their
@@ -410,8 +406,7 @@ def _check_param_tree(params: PyTree, config: LlamaConfig, kind: str) -> dict[Pa
     for path, leaf in expected.items():
         if tuple(flat[path].shape) != tuple(leaf.shape):
             raise ValueError(
-                f"parameter {'/'.join(path)} has shape {list(flat[path].shape)}, "
-                f"config implies {list(leaf.shape)}"
+                f"parameter {'/'.join(path)} has shape {list(flat[path].shape)}, config implies {list(leaf.shape)}"
             )
     return flat
 

@@ -154,7 +154,9 @@ def load_model(
     if loaded_kind == "causal_lm":  # new scalar head on a pretrained trunk
         head = sharding.sharded_init(lambda key: {"score": fresh(key)["score"]}, rng, mesh=mesh, rules=rules)
         return config, module, {"model": loaded["model"], **head}
-    raise ValueError(f"model.init_from={cfg.init_from!r} holds a {loaded_kind} model, which cannot start a {kind} model")
+    raise ValueError(
+        f"model.init_from={cfg.init_from!r} holds a {loaded_kind} model, which cannot start a {kind} model"
+    )
 
 
 @functools.cache
@@ -170,7 +172,10 @@ def _initializer(config: llama.LlamaConfig, kind: str):
 
 
 def abstract_params(
-    config: llama.LlamaConfig, kind: str, mesh: jax.sharding.Mesh, rules: sharding.PartitionRules = partitioning.LLAMA_RULES
+    config: llama.LlamaConfig,
+    kind: str,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.PartitionRules = partitioning.LLAMA_RULES,
 ) -> dict:
     """Shapes, dtypes and shardings of ``kind``'s parameters for ``config``, allocating nothing."""
     shapes = jax.eval_shape(

@@ -61,9 +61,7 @@ def random_padded_batch(
     return ids, mask
 
 
-def _transformers_outputs(
-    hf_dir: str, kind: str, dtype: str, ids: np.ndarray, mask: np.ndarray
-) -> list[np.ndarray]:
+def _transformers_outputs(hf_dir: str, kind: str, dtype: str, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     """Per row, transformers' output on that row's tokens alone (no padding), in float32 NumPy."""
     import torch
     import transformers
@@ -108,17 +106,13 @@ def verify(
         config, stored_kind, params = load_checkpoint(checkpoint_dir, param_dtype=dtype)
         kind = kind or stored_kind
         if (kind == "causal_lm") != (stored_kind == "causal_lm"):
-            raise ValueError(
-                f"{checkpoint_dir} holds a {stored_kind} model, which cannot be verified as {kind}"
-            )
+            raise ValueError(f"{checkpoint_dir} holds a {stored_kind} model, which cannot be verified as {kind}")
         config = config.replace(dtype=dtype)
         module = make_model(config, kind)
     else:
         kind = kind or architecture_kind(hf_files.read_config(hf_dir), hf_dir) or "causal_lm"
         config, module, params = load_hf(hf_dir, kind, param_dtype=dtype, dtype=dtype)
-    ids, mask = random_padded_batch(
-        config.vocab_size, batch_size, seq_len, pad_token_id=config.pad_token_id, seed=seed
-    )
+    ids, mask = random_padded_batch(config.vocab_size, batch_size, seq_len, pad_token_id=config.pad_token_id, seed=seed)
     ours = np.asarray(module.apply({"params": params}, ids, attention_mask=mask), np.float32)
     theirs = _transformers_outputs(hf_dir, kind, dtype, ids, mask)
     diffs, scale = [], []

@@ -57,9 +57,7 @@ LLAMA3_SPECIAL_TOKENS = (
 )
 
 # The pre-tokenizer regex Llama 3's tokenizer.json uses.
-_LLAMA3_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_SPLIT_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 #: The Llama 3 Instruct conversation layout as a Jinja chat template: BOS once, then per message
 #: ``<|start_header_id|>role<|end_header_id|>\n\n`` + trimmed content + ``<|eot_id|>``.
