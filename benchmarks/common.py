@@ -195,17 +195,6 @@ def time_interleaved(
     return InterleavedTiming(samples=samples, peaks=peaks)
 
 
-def lower_train_step(trainer: Any, state: Any, batch: Any, rng: jax.Array) -> jax.stages.Lowered:
-    """A ``GradientTrainer``'s own jitted step lowered for these inputs (compile time, memory plan).
-
-    ``GradientTrainer`` exposes only the call, so its jitted function is reached through
-    ``_train_step``. Lowering that function (not a re-jitted copy) means the executable measured is
-    the one ``train_step`` runs; JAX caches it, so the first real call does not compile again.
-    """
-    with jax.set_mesh(trainer.mesh):
-        return trainer._train_step.lower(state, batch, rng, trainer.frozen)
-
-
 # -------------------------------------------------------------------------------------------- FLOPs
 
 Head = Literal["lm", "score"]

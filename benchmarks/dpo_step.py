@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     step.add_argument(
         "--chunk_size",
         type=int,
-        default=dpo.default_config().logprob_chunk_size,
+        default=dpo.DPOOptions().logprob_chunk_size,
         help="log-prob chunk size, in sequence positions",
     )
     step.add_argument(
@@ -155,12 +155,12 @@ def build_trainer(args: argparse.Namespace, setting: Setting, mesh: jax.sharding
     """The trainer ``dpo.make_trainer`` would build, from an architecture rather than a model config."""
     config = model_config(args, setting.dtype)
     partitioning.check_model_fits_mesh(config, mesh)
-    run_config = base_config(dpo.NAME)
-    run_config.dpo.logprob_chunk_size = args.chunk_size
-    module = llama.make_model(config, dpo.MODEL_KIND)
+    optim_config = base_config("dpo").optim
+    options = dpo.DPOOptions(logprob_chunk_size=args.chunk_size)
+    module = llama.make_model(config, "causal_lm")
 
     def init(key):
-        return llama.make_model(config, dpo.MODEL_KIND).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        return llama.make_model(config, "causal_lm").init(key, jnp.zeros((1, 8), jnp.int32))["params"]
 
     params = sharding.sharded_init(init, jax.random.key(args.seed), mesh=mesh, rules=partitioning.LLAMA_RULES)
     if setting.reference == "on_the_fly":
@@ -171,14 +171,16 @@ def build_trainer(args: argparse.Namespace, setting: Setting, mesh: jax.sharding
     else:
         table = np.random.default_rng(args.seed).normal(-args.seq_len, 10.0, (args.batch, 2)).astype(np.float32)
         frozen, reference_model = {"reference_logps": jax.device_put(table, NamedSharding(mesh, P()))}, None
+    total_steps = args.warmup + args.steps + 1
     return base.GradientTrainer(
-        name=dpo.NAME,
-        data_kind=dpo.DATA_KIND,
-        kind=dpo.MODEL_KIND,
+        kind="causal_lm",
         model_config=config,
         mesh=mesh,
-        optimizer=optim.make_optimizer(run_config.optim, args.warmup + args.steps + 1),
-        loss_fn=dpo.make_loss_fn(module, config, run_config, reference_model=reference_model),
+        optimizer=optim.make_optimizer(optim_config, total_steps),
+        schedule=optim.make_schedule(optim_config, total_steps),
+        loss_fn=dpo.make_loss_fn(
+            module, config, options, chunk_size=options.logprob_chunk_size, reference_model=reference_model
+        ),
         frozen=frozen,
         initial_params=params,
         num_microbatches=1,
@@ -200,14 +202,14 @@ def benchmark_setting(args: argparse.Namespace, setting: Setting, mesh: jax.shar
     batch = sharding.host_local_to_global(host_batch, mesh)
     rng = jax.random.key(args.seed)
     state = trainer.init_state()
-    with jax.set_mesh(mesh):
-        lowered, lower_s = common.timed(lambda: trainer._train_step.lower(state, batch, rng, trainer.frozen))
+    lowered, lower_s = common.timed(lambda: trainer.lower_train_step(state, batch, rng))
     compiled, compile_s = common.timed(lowered.compile)
     metrics: dict[str, jax.Array] = {}
 
     def step():
         nonlocal state, metrics
-        state, metrics = trainer.train_step(state, batch, rng)
+        result = trainer.train_step(state, batch, rng, step=0)
+        state, metrics = result.state, result.metrics
         return state, metrics
 
     first_step_s = common.seconds(step)

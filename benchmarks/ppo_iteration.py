@@ -6,7 +6,7 @@ share of this machine's matmul peak.
     python benchmarks/ppo_iteration.py --samples-per-prompt 2 --ppo-epochs 2 --num-minibatches 2 --grad-accum 2
     python benchmarks/ppo_iteration.py --reward-hidden-size 512 --reward-num-layers 8   # a larger reward model
 
-The iteration is the library's own: ``ppo.make_trainer`` builds a ``PPOTrainer`` from a PPO run config
+The iteration is the library's own: ``loop.trainer_for`` builds a ``PPOTrainer`` from a PPO run config
 made here (random-init models of the chosen shape for the policy and reference, and for the reward
 and value models, which share one shape: the policy's unless ``--reward-*`` says otherwise), and the
 three jitted programs ``train_step`` chains are timed one by one, waiting for each to finish:
@@ -71,9 +71,12 @@ import numpy as np
 from benchmarks import common
 from benchmarks.train_step import default_intermediate_size
 from easyppo.algorithms import ppo
+from easyppo.algorithms.rl.options import RLOptions
+from easyppo.algorithms.rl.update import RLState
 from easyppo.core import sharding
 from easyppo.models import generation, llama
 from easyppo.run import config as run_config
+from easyppo.run import loop
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_TOKENIZER = REPO / "easyppo" / "configs" / "demo_data" / "tokenizer.model"
@@ -112,7 +115,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     step.add_argument("--ppo-epochs", type=int, default=1)
     step.add_argument("--num-minibatches", type=int, default=1)
     step.add_argument("--grad-accum", type=int, default=1, help="microbatches per optimizer step")
-    step.add_argument("--temperature", type=float, default=ppo.default_config().sampling.temperature)
+    step.add_argument("--temperature", type=float, default=RLOptions().sampling.temperature)
     step.add_argument("--devices", type=int, default=1, help="first N devices, one fsdp mesh axis over them")
     timing = p.add_argument_group("timing")
     timing.add_argument("--repeats", type=int, default=3, help="timed iterations after one warm-up iteration")
@@ -198,7 +201,7 @@ def _architecture_overrides(args: argparse.Namespace, *, hidden: int | None, lay
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The PPO run config of the benchmarked iteration, checked by ``easyppo.run.config.validate`` as the
     train loop would check it."""
-    c = run_config.base_config(ppo.NAME)
+    c = run_config.base_config("ppo")
     c.model.update(init_from="", dtype=args.dtype, **_architecture_overrides(args, hidden=None, layers=None))
     c.ppo.reward_model.update(
         init_from="",
@@ -307,7 +310,7 @@ class Iteration:
     """One PPO iteration as three separately timed phases, carrying the trainer state between them."""
 
     trainer: ppo.PPOTrainer
-    state: ppo.PPOState
+    state: RLState
     batch: dict[str, jax.Array]
     rng: jax.Array
     sampling: generation.SamplingConfig  # the trainer's, with every stop token disabled
@@ -325,13 +328,20 @@ class Iteration:
             return outputs["rollout"]
 
         def scoring():
-            outputs["scoring"] = trainer.score(self.state, trainer.frozen, outputs["rollout"])
+            state = self.state
+            outputs["scoring"] = trainer.score(
+                state.params, state.value_params, state.kl_coef, trainer.frozen, outputs["rollout"]
+            )
             return outputs["scoring"]
 
         def update():
-            experience, _, metrics = outputs["scoring"]
+            scored = outputs["scoring"]
             self.state, update_metrics = trainer.update(
-                self.state, experience, metrics["kl_per_sequence"], jax.random.fold_in(key, 1), train_policy=True
+                self.state,
+                scored.experience,
+                scored.metrics["kl_per_sequence"],
+                jax.random.fold_in(key, 1),
+                train_policy=True,
             )
             return self.state, update_metrics
 
@@ -339,15 +349,19 @@ class Iteration:
 
     def lower(self, phase: str, outputs: dict[str, Any]) -> jax.stages.Lowered:
         """The phase's own jitted program lowered for this iteration's inputs (the calls reuse the
-        compiled executable). ``update`` is lowered through ``trainer._update``, the jitted function
-        the public ``update`` calls, as ``common.lower_train_step`` does for ``_train_step``."""
+        compiled executable)."""
         trainer, key = self.trainer, jax.random.key(0)
         if phase == "rollout":
             return trainer.rollout.lower(self.state.params, self.batch, key, sampling=self.sampling)
         if phase == "scoring":
-            return trainer.score.lower(self.state, trainer.frozen, outputs["rollout"])
-        experience, _, metrics = outputs["scoring"]
-        return trainer._update.lower(self.state, experience, metrics["kl_per_sequence"], key, train_policy=True)
+            state = self.state
+            return trainer.score.lower(
+                state.params, state.value_params, state.kl_coef, trainer.frozen, outputs["rollout"]
+            )
+        scored = outputs["scoring"]
+        return trainer.update.lower(
+            self.state, scored.experience, scored.metrics["kl_per_sequence"], key, train_policy=True
+        )
 
 
 def warm_up(iteration: Iteration) -> dict[str, dict[str, Any]]:
@@ -417,9 +431,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     load_start = common.load_average()
     config = build_config(args)
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[: args.devices])
-    trainer = ppo.make_trainer(config, mesh, config.train.num_steps, train_data=None, eval_data=None)
+    trainer = loop.trainer_for(config, mesh, config.train.num_steps)
     sampling = dataclasses.replace(trainer.sampling, stop_at_eos=False, stop_token_ids=())
-    batch = sharding.host_local_to_global(prompt_batch(args, trainer.policy_config.vocab_size), mesh)
+    batch = sharding.host_local_to_global(prompt_batch(args, trainer.models.policy.vocab_size), mesh)
     iteration = Iteration(trainer, trainer.init_state(), batch, jax.random.key(args.seed), sampling)
 
     measure_peak = lambda: common.matmul_peaks(size=args.peak_size, repeats=args.peak_repeats)
@@ -433,7 +447,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
     rows = args.prompts * args.samples_per_prompt
     shape = {"rows": rows, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "ppo_epochs": args.ppo_epochs}
-    flops = phase_flops(trainer.policy_config, trainer.reward_config, **shape)
+    flops = phase_flops(trainer.models.policy, trainer.models.reward, **shape)
     tokens = phase_tokens(**shape)
     total = common.Timing.from_samples(totals)
     timings = {phase: common.Timing.from_samples(samples[phase]) for phase in PHASES}
@@ -450,7 +464,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             **_ratios(flops[phase], timing.median, peak),
             **warm[phase],
         }
-    metrics = jax.device_get(outputs["scoring"][2])
+    metrics = jax.device_get(outputs["scoring"].metrics)
     return {
         "benchmark": "ppo_iteration",
         "command": command,
@@ -458,8 +472,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "load_average_1m": {"start": load_start, "end": common.load_average()},
         "mesh": dict(mesh.shape),
         "models": {
-            "policy": _model_summary(trainer.policy_config),
-            "reward_value": _model_summary(trainer.reward_config),
+            "policy": _model_summary(trainer.models.policy),
+            "reward_value": _model_summary(trainer.models.reward),
         },
         "iteration_shape": {
             "prompts": args.prompts,

@@ -56,8 +56,8 @@ from easyppo.core import optim, sharding
 from easyppo.models import llama, partitioning
 from easyppo.run.config import base_config
 
-ALGORITHMS = {sft.NAME: sft, rm.NAME: rm}
-HEAD_OF_ALGORITHM: dict[str, common.Head] = {sft.NAME: "lm", rm.NAME: "score"}
+ALGORITHMS = {"sft": sft, "rm": rm}
+HEAD_OF_ALGORITHM: dict[str, common.Head] = {"sft": "lm", "rm": "score"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     step.add_argument(
         "--chunk_size",
         type=_list_of(int),
-        default=[sft.default_config().logprob_chunk_size],
+        default=[sft.SFTOptions().logprob_chunk_size],
         help="sft log-prob chunk size(s), in sequence positions",
     )
     step.add_argument("--grad_accum", type=int, default=1, help="microbatches per step")
@@ -185,7 +185,7 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
     """Every combination of the swept options, in command-line order; rm ignores ``--chunk_size``."""
     settings = []
     for algorithm, dtype, remat, chunk in itertools.product(args.algorithm, args.dtype, args.remat, args.chunk_size):
-        setting = Setting(algorithm, dtype, remat, chunk if algorithm == sft.NAME else None)
+        setting = Setting(algorithm, dtype, remat, chunk if algorithm == "sft" else None)
         if setting not in settings:
             settings.append(setting)
     return settings
@@ -227,12 +227,14 @@ def build_trainer(
     ``model`` config section, so any shape can be benchmarked.
     """
     module_of_algorithm = ALGORITHMS[setting.algorithm]
-    run_config = base_config(setting.algorithm)
+    algorithm = module_of_algorithm.ALGORITHM
+    options = algorithm.options_type()
     if setting.chunk_size is not None:
-        run_config.sft.logprob_chunk_size = setting.chunk_size
+        options = dataclasses.replace(options, logprob_chunk_size=setting.chunk_size)
+    optim_config = base_config(setting.algorithm).optim
 
     partitioning.check_model_fits_mesh(config, mesh)
-    kind = module_of_algorithm.MODEL_KIND
+    kind = algorithm.model_kind
     module = llama.make_model(config, kind)
 
     def init(key):
@@ -240,13 +242,12 @@ def build_trainer(
 
     params = sharding.sharded_init(init, jax.random.key(seed), mesh=mesh, rules=partitioning.LLAMA_RULES)
     return base.GradientTrainer(
-        name=module_of_algorithm.NAME,
-        data_kind=module_of_algorithm.DATA_KIND,
         kind=kind,
         model_config=config,
         mesh=mesh,
-        optimizer=optim.make_optimizer(run_config.optim, total_steps),
-        loss_fn=module_of_algorithm.make_loss_fn(module, config, run_config),
+        optimizer=optim.make_optimizer(optim_config, total_steps),
+        schedule=optim.make_schedule(optim_config, total_steps),
+        loss_fn=module_of_algorithm.make_loss_fn(module, config, options),
         frozen=None,
         initial_params=params,
         num_microbatches=grad_accum,
@@ -273,7 +274,7 @@ def synthetic_batch(algorithm: str, *, batch: int, seq_len: int, vocab: int, see
         }
 
     example_mask = np.ones((batch,), np.int32)
-    if ALGORITHMS[algorithm].DATA_KIND == "sft":
+    if ALGORITHMS[algorithm].ALGORITHM.data_kind == "sft":
         return {**sequences(), "example_mask": example_mask}
     chosen, rejected = sequences(), sequences()
     return {
@@ -286,7 +287,7 @@ def synthetic_batch(algorithm: str, *, batch: int, seq_len: int, vocab: int, see
 
 def rows_per_step(algorithm: str, batch: int) -> int:
     """Sequences through the model per step: a preference pair is two (chosen and rejected)."""
-    return 2 * batch if ALGORITHMS[algorithm].DATA_KIND == "preference" else batch
+    return 2 * batch if ALGORITHMS[algorithm].ALGORITHM.data_kind == "preference" else batch
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -320,9 +321,7 @@ class CompiledStep:
         self.state = self.trainer.init_state()
         self.metrics: dict[str, jax.Array] = {}
 
-        lowered, self.lower_s = common.timed(
-            lambda: common.lower_train_step(self.trainer, self.state, self.batch, self.rng)
-        )
+        lowered, self.lower_s = common.timed(lambda: self.trainer.lower_train_step(self.state, self.batch, self.rng))
         compiled, self.compile_s = common.timed(lowered.compile)
         self.memory = common.compiled_memory(compiled)
         self.first_step_s = common.seconds(self.step)  # reuses the executable compiled above
@@ -330,7 +329,8 @@ class CompiledStep:
             jax.block_until_ready(self.step())
 
     def step(self) -> tuple[base.TrainState, dict]:
-        self.state, self.metrics = self.trainer.train_step(self.state, self.batch, self.rng)
+        result = self.trainer.train_step(self.state, self.batch, self.rng, step=0)
+        self.state, self.metrics, self.skipped = result.state, result.metrics, result.skipped
         return self.state, self.metrics
 
 
@@ -381,7 +381,7 @@ def summarize(
         "first_step_s": compiled.first_step_s,
         "memory": compiled.memory,
         "loss": float(compiled.metrics["loss"]),
-        "skipped_steps": float(compiled.metrics["skipped"]),
+        "skipped_steps": float(compiled.skipped),
     }
 
 

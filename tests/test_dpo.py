@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers.demo_data import DEMO_DATA, first_rows
 
-from easyppo.algorithms import dpo, reference_cache
+from easyppo.algorithms import dpo, dpo_reference, reference_cache
 from easyppo.core import sharding
 from easyppo.data import pipeline
 from easyppo.models import llama
@@ -112,8 +112,8 @@ def test_implicit_rewards_are_beta_times_policy_reference_log_ratio():
 def test_invalid_dpo_options_name_the_config_key(bad, key):
     config = run_config.base_config("dpo")
     config.dpo.update(bad)
-    with pytest.raises(ValueError, match=key):
-        dpo.validate_config(config)
+    with pytest.raises(run_config.ConfigError, match=key):
+        run_config.validate(config, num_devices=1)
 
 
 # ---------------------------------------------------------------------------- loss_fn on a model
@@ -177,12 +177,12 @@ def np_response_logprobs(module, params, batch, side):
     return np.sum(token_logps * mask, 1), np.sum(mask, 1)
 
 
-def dpo_config(**dpo_overrides):
-    c = run_config.base_config("dpo")
-    for key, value in dpo_overrides.items():
-        c.dpo[key] = value
-    c.dpo.logprob_chunk_size = 8  # several chunks per sequence, one of them ragged
-    return c
+def dpo_options(**overrides):
+    return dpo.DPOOptions(**overrides, logprob_chunk_size=8)  # several chunks per sequence, one ragged
+
+
+def dpo_loss_fn(module, options, **kwargs):
+    return dpo.make_loss_fn(module, TINY, options, chunk_size=options.logprob_chunk_size, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +197,9 @@ def two_models():
 def test_loss_fn_matches_numpy_dpo_on_full_softmax_logprobs(two_models, length_normalize):
     module, policy_params, reference_params = two_models
     beta = 0.5
-    config = dpo_config(beta=beta, length_normalize=length_normalize)
-    loss_fn = dpo.make_loss_fn(module, TINY, config, reference_model=(module, TINY))
+    loss_fn = dpo_loss_fn(
+        module, dpo_options(beta=beta, length_normalize=length_normalize), reference_model=(module, TINY)
+    )
     batch = random_pair_batch(0)
     frozen = {"reference_params": reference_params}
     loss_sum, metrics = jax.jit(loss_fn)(policy_params, frozen, batch, jax.random.key(0))
@@ -223,7 +224,7 @@ def test_loss_fn_matches_numpy_dpo_on_full_softmax_logprobs(two_models, length_n
 
 def test_a_policy_equal_to_its_reference_scores_chance_accuracy_and_log_two_loss(two_models):
     module, policy_params, _ = two_models
-    loss_fn = dpo.make_loss_fn(module, TINY, dpo_config(), reference_model=(module, TINY))
+    loss_fn = dpo_loss_fn(module, dpo_options(), reference_model=(module, TINY))
     frozen = {"reference_params": policy_params}
     _, metrics = jax.jit(loss_fn)(policy_params, frozen, random_pair_batch(1), jax.random.key(0))
     accuracy, pairs = metrics["accuracy"]
@@ -234,14 +235,14 @@ def test_a_policy_equal_to_its_reference_scores_chance_accuracy_and_log_two_loss
 def test_precomputed_table_lookup_gives_the_on_the_fly_loss(two_models):
     module, policy_params, reference_params = two_models
     batch = random_pair_batch(2)
-    on_the_fly = dpo.make_loss_fn(module, TINY, dpo_config(), reference_model=(module, TINY))
+    on_the_fly = dpo_loss_fn(module, dpo_options(), reference_model=(module, TINY))
     # A table of 10 rows whose rows 0..3 hold this batch's reference sums, the rest garbage.
     sums, _ = jax.jit(dpo.response_logprobs, static_argnums=(0, 1), static_argnames="chunk_size")(
         module, TINY, reference_params, batch, chunk_size=8
     )
     table = np.full((10, 2), -1e3, np.float32)
     table[batch["example_index"]] = np.asarray(sums)
-    precomputed = dpo.make_loss_fn(module, TINY, dpo_config())
+    precomputed = dpo_loss_fn(module, dpo_options())
     frozen = {"reference_params": reference_params}
     loss_a, metrics_a = jax.jit(on_the_fly)(policy_params, frozen, batch, jax.random.key(0))
     loss_b, metrics_b = jax.jit(precomputed)(policy_params, {"reference_logps": table}, batch, jax.random.key(0))
@@ -392,7 +393,7 @@ def test_the_precomputed_table_holds_each_rows_reference_logprobs(tmp_path, smal
     config = tiny_run_config(tmp_path, small_data, reference="precomputed", reference_init_from=reference_dir)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     data = prepared(config)
-    table = dpo.precomputed_reference_tables(config, mesh, {"train": data})["train"]
+    table = dpo.reference_tables(config, dpo.ALGORITHM.options(config), mesh, {"train": data})["train"]
     batch = _first_batch(data, config.data, mesh)  # shuffled rows
     on_the_fly, _ = jax.jit(dpo.response_logprobs, static_argnums=(0, 1), static_argnames="chunk_size")(
         module, TINY, reference_params, batch, chunk_size=16
@@ -407,12 +408,15 @@ def test_precomputed_and_on_the_fly_references_give_the_same_held_out_metrics(
     module, _, reference_params = two_models
     config = tiny_run_config(tmp_path, small_data, reference="precomputed", reference_init_from=reference_dir)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    trainer = dpo.make_trainer(config, mesh, 6, train_data=prepared(config), eval_data=prepared(config, "eval"))
+    trainer = loop.trainer_for(config, mesh, 6, train_data=prepared(config), eval_data=prepared(config, "eval"))
     state = trainer.init_state()
     batch = _first_batch(prepared(config, "eval"), loop._eval_data_config(config), mesh)
     precomputed = jax.device_get(trainer.eval_step(state, batch))
 
-    on_the_fly_loss = dpo.make_loss_fn(module, TINY, config, reference_model=(module, TINY))
+    options = dpo.ALGORITHM.options(config)
+    on_the_fly_loss = dpo.make_loss_fn(
+        module, TINY, options, chunk_size=options.logprob_chunk_size, reference_model=(module, TINY)
+    )
     frozen = {"reference_params": reference_params}
     _, on_the_fly = jax.jit(on_the_fly_loss)(state.params, frozen, batch, jax.random.key(0))
     assert abs(on_the_fly["loss"][0] / on_the_fly["loss"][1] - np.log(2)) > 1e-3  # reference != policy
@@ -428,9 +432,12 @@ def test_a_cached_reference_table_is_reused_without_loading_the_reference(
     config = tiny_run_config(tmp_path, small_data, reference="precomputed", reference_init_from=reference_dir)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     splits = {"train": prepared(config), "eval": prepared(config, "eval")}
-    first = dpo.precomputed_reference_tables(config, mesh, splits)
-    monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("loaded the reference despite a cache hit"))
-    second = dpo.precomputed_reference_tables(config, mesh, splits)
+    options = dpo.ALGORITHM.options(config)
+    first = dpo.reference_tables(config, options, mesh, splits)
+    monkeypatch.setattr(
+        dpo_reference, "load_model", lambda *a, **k: pytest.fail("loaded the reference despite a cache hit")
+    )
+    second = dpo.reference_tables(config, options, mesh, splits)
     assert first.keys() == second.keys() == {"train", "eval"}
     for split in first:
         np.testing.assert_array_equal(first[split], second[split])
@@ -444,10 +451,10 @@ def test_the_sharded_step_equals_the_single_device_step(tmp_path, small_data, re
     for shape, devices in (((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])):
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
         mesh = sharding.make_mesh(config.mesh, devices=devices)
-        trainer = dpo.make_trainer(config, mesh, 6, train_data=data, eval_data=None)
+        trainer = loop.trainer_for(config, mesh, 6, train_data=data)
         batch = _first_batch(data, config.data, mesh)
-        state, metrics = trainer.train_step(trainer.init_state(), batch, jax.random.key(0))
-        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+        result = trainer.train_step(trainer.init_state(), batch, jax.random.key(0), step=0)
+        results.append((jax.device_get(result.state.params), jax.device_get(result.metrics)))
     (sharded, sharded_metrics), (single, single_metrics) = results
     for name in single_metrics:
         np.testing.assert_allclose(sharded_metrics[name], single_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -472,9 +479,9 @@ def interrupted_run(tmp_path_factory, small_data):
     config.eval.at_start = True
     first = loop.train(config)
     computed = []
-    original = dpo.compute_reference_table
+    original = dpo_reference.compute_reference_table
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dpo, "compute_reference_table", lambda *a, **k: computed.append(1) or original(*a, **k))
+        patch.setattr(dpo_reference, "compute_reference_table", lambda *a, **k: computed.append(1) or original(*a, **k))
         config.train.stop_at_step = 0
         second = loop.train(config)
     return {"first": first, "second": second, "reference_passes_on_resume": len(computed), "export": out / "hf"}

@@ -193,6 +193,8 @@ def test_sampled_step_reports_raw_and_processed_logprobs_of_the_drawn_token():
 )
 def test_invalid_sampling_configs_fail_naming_the_key(changes, message):
     with pytest.raises(ValueError, match=message):
+        generation.SamplingConfig.from_config(changes)
+    with pytest.raises(ValueError, match=message.removeprefix("sampling.")):
         generation.SamplingConfig(**changes)
 
 

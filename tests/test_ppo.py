@@ -3,6 +3,7 @@ iteration's invariants (old log-probs are the sampler's, clipping acts only once
 value warm-up freezes the policy) and a sharded iteration equal to a single-device one."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,15 @@ import numpy as np
 import pytest
 from helpers.ppo_runs import tiny_ppo_config
 
-from easyppo.algorithms import ppo
-from easyppo.core import sharding
+from easyppo.algorithms.rl import forward, losses
+from easyppo.algorithms.rl.options import RLOptions
+from easyppo.algorithms.rl.scoring import Experience
+from easyppo.algorithms.rl.update import Optimizers, RLState, update
+from easyppo.core import optim, sharding
 from easyppo.data import pipeline
+from easyppo.models import llama
 from easyppo.run import config as run_config
+from easyppo.run import loop
 
 RNG = np.random.default_rng(0)
 
@@ -23,7 +29,7 @@ RNG = np.random.default_rng(0)
 
 def test_clipped_policy_loss_is_the_pessimistic_surrogate():
     logp, old, adv = (RNG.normal(size=(4, 6)).astype(np.float32) * s for s in (0.3, 0.3, 1.0))
-    loss, clipped, ratio = ppo.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), 0.2)
+    loss, clipped, ratio = losses.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), 0.2)
     r = np.exp(logp - old)
     expected = np.maximum(-adv * r, -adv * np.clip(r, 0.8, 1.2))
     np.testing.assert_allclose(ratio, r, rtol=1e-6)
@@ -35,14 +41,14 @@ def test_clipped_policy_loss_is_the_pessimistic_surrogate():
 def test_clipped_policy_loss_at_ratio_one_is_minus_the_advantage_and_never_clips():
     adv = RNG.normal(size=(3, 5)).astype(np.float32)
     logp = RNG.normal(size=(3, 5)).astype(np.float32)
-    loss, clipped, _ = ppo.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(logp), jnp.asarray(adv), 0.2)
+    loss, clipped, _ = losses.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(logp), jnp.asarray(adv), 0.2)
     np.testing.assert_allclose(loss, -adv, rtol=1e-6)
     assert not np.any(clipped)
 
 
 def test_clipped_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
     values, old, returns = (RNG.normal(size=(4, 6)).astype(np.float32) for _ in range(3))
-    loss, clipped = ppo.clipped_value_loss(jnp.asarray(values), jnp.asarray(old), jnp.asarray(returns), 0.2)
+    loss, clipped = losses.clipped_value_loss(jnp.asarray(values), jnp.asarray(old), jnp.asarray(returns), 0.2)
     v_clip = old + np.clip(values - old, -0.2, 0.2)
     expected = 0.5 * np.maximum((values - returns) ** 2, (v_clip - returns) ** 2)
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
@@ -53,7 +59,7 @@ def test_kl_shaped_rewards_put_the_score_on_each_rows_last_response_token():
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
     kl = RNG.normal(size=mask.shape).astype(np.float32)
     score = np.array([2.0, -1.0, 5.0], np.float32)
-    rewards, non_score = ppo.kl_shaped_rewards(jnp.asarray(score), jnp.asarray(kl), jnp.asarray(mask), 0.1)
+    rewards, non_score = losses.kl_shaped_rewards(jnp.asarray(score), jnp.asarray(kl), jnp.asarray(mask), 0.1)
     expected_non_score = -0.1 * kl * mask
     expected = expected_non_score.copy()
     expected[0, 2] += 2.0
@@ -69,16 +75,16 @@ def test_kl_shaped_rewards_put_the_score_on_each_rows_last_response_token():
 def test_missing_eos_penalty_applies_only_to_unfinished_responses(penalty, mode, expected):
     score = jnp.array([3.0, 3.0])
     finished = jnp.array([True, False])
-    np.testing.assert_allclose(ppo.apply_missing_eos_penalty(score, finished, penalty, mode), expected)
+    np.testing.assert_allclose(losses.apply_missing_eos_penalty(score, finished, penalty, mode), expected)
 
 
 def test_adaptive_kl_coefficient_moves_towards_the_target_by_at_most_twenty_percent_of_a_horizon():
     step = dict(target=6.0, horizon=100, batch_rows=10)
-    up = ppo.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(6.6), **step)  # 10% above target
+    up = losses.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(6.6), **step)  # 10% above target
     np.testing.assert_allclose(up, 0.1 * (1 + 0.1 * 10 / 100), rtol=1e-6)
-    far_up = ppo.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(60.0), **step)  # error clipped to 0.2
+    far_up = losses.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(60.0), **step)  # error clipped to 0.2
     np.testing.assert_allclose(far_up, 0.1 * (1 + 0.2 * 10 / 100), rtol=1e-6)
-    down = ppo.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(0.0), **step)
+    down = losses.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(0.0), **step)
     np.testing.assert_allclose(down, 0.1 * (1 - 0.2 * 10 / 100), rtol=1e-6)
 
 
@@ -87,12 +93,12 @@ def test_explained_variance_is_one_for_perfect_values_and_zero_for_the_mean():
     mask = np.ones_like(returns)
     mask[2, 3:] = 0
     assert float(
-        ppo.explained_variance(jnp.asarray(returns), jnp.asarray(returns), jnp.asarray(mask))
+        losses.explained_variance(jnp.asarray(returns), jnp.asarray(returns), jnp.asarray(mask))
     ) == pytest.approx(1.0)
     mean = returns[mask > 0].mean()
     as_mean = np.full_like(returns, mean)
     assert float(
-        ppo.explained_variance(jnp.asarray(as_mean), jnp.asarray(returns), jnp.asarray(mask))
+        losses.explained_variance(jnp.asarray(as_mean), jnp.asarray(returns), jnp.asarray(mask))
     ) == pytest.approx(0.0, abs=1e-5)
 
 
@@ -147,7 +153,7 @@ def test_minibatches_must_split_into_accumulation_steps_the_mesh_can_share(tmp_p
 def _direct(config, devices):
     """A PPO trainer on a mesh over ``devices`` and the first prompt batch placed on that mesh."""
     mesh = sharding.make_mesh(config.mesh, devices=devices)
-    trainer = ppo.make_trainer(config, mesh, total_steps=config.train.num_steps, train_data=None, eval_data=None)
+    trainer = loop.trainer_for(config, mesh, config.train.num_steps)
     tokenizer, chat_format = pipeline.load_tokenizer_and_format(config.data)
     data = pipeline.prepare_data(config.data, tokenizer=tokenizer, chat_format=chat_format)
     host_batch = next(iter(pipeline.make_iterator(data, config.data)))
@@ -174,8 +180,8 @@ def clipping_step(tmp_path_factory):
     config.optim.clip_grad_norm = 0.0
     config.ppo.entropy_coef = 0.01
     trainer, batch = _single_device(config)
-    _, metrics = trainer.train_step(trainer.init_state(), batch, jax.random.key(0))
-    return {name: float(value) for name, value in jax.device_get(metrics).items()}
+    result = trainer.train_step(trainer.init_state(), batch, jax.random.key(0), step=0)
+    return {"skipped": float(result.skipped), **{k: float(v) for k, v in jax.device_get(result.metrics).items()}}
 
 
 def test_sampler_logprobs_equal_the_trainers_old_logprobs(clipping_step):
@@ -202,9 +208,10 @@ def warmup_steps(tmp_path_factory):
     state = trainer.init_state()
     states, metrics = [_host_copy(state)], []
     for step in range(2):
-        state, step_metrics = trainer.train_step(state, batch, jax.random.key(step))
+        result = trainer.train_step(state, batch, jax.random.key(step), step=step)
+        state = result.state
         states.append(_host_copy(state))
-        metrics.append({name: float(value) for name, value in jax.device_get(step_metrics).items()})
+        metrics.append({name: float(value) for name, value in jax.device_get(result.metrics).items()})
     return states, metrics
 
 
@@ -233,10 +240,10 @@ def test_an_iteration_runs_with_the_pod_settings_scanned_layers_remat_and_bfloat
         model.scan_layers, model.remat, model.dtype = True, "dots_no_batch", "bfloat16"
     config.ppo.num_minibatches = 2
     trainer, batch = _single_device(config)
-    _, metrics = trainer.train_step(trainer.init_state(), batch, jax.random.key(0))
-    metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+    result = trainer.train_step(trainer.init_state(), batch, jax.random.key(0), step=0)
+    metrics = {name: float(value) for name, value in jax.device_get(result.metrics).items()}
     assert all(np.isfinite(value) for value in metrics.values()), metrics
-    assert metrics["skipped"] == 0
+    assert not result.skipped
     assert metrics["logprob_gap_max"] < 0.1  # sampler and trainer agree to bfloat16 precision
 
 
@@ -247,9 +254,9 @@ def _one_iteration(trainer, batch):
     state = trainer.init_state()
     with jax.set_mesh(trainer.mesh):
         rollout = trainer.rollout(state.params, batch, jax.random.key(7), sampling=trainer.sampling)
-        experience, per_row, metrics = trainer.score(state, trainer.frozen, rollout)
-        state, _ = trainer.update(state, experience, metrics["kl_per_sequence"], jax.random.key(8))
-    return jax.device_get((rollout.response_ids, experience, per_row, state))
+        scored = trainer.score(state.params, state.value_params, state.kl_coef, trainer.frozen, rollout)
+        state, _ = trainer.update(state, scored.experience, scored.metrics["kl_per_sequence"], jax.random.key(8))
+    return jax.device_get((rollout.response_ids, scored.experience, scored.samples, state))
 
 
 def test_a_sharded_iteration_equals_the_single_device_one(tmp_path):
@@ -261,8 +268,9 @@ def test_a_sharded_iteration_equals_the_single_device_one(tmp_path):
     sharded = _one_iteration(*_direct(config, jax.devices()))
     np.testing.assert_array_equal(single[0], sharded[0])  # the same tokens were sampled
     for name in ("old_logprobs", "old_values", "advantages", "returns"):
-        np.testing.assert_allclose(single[1][name], sharded[1][name], atol=2e-4, rtol=1e-4, err_msg=name)
-    np.testing.assert_allclose(single[2]["raw_score"], sharded[2]["raw_score"], atol=1e-4)
+        single_value, sharded_value = getattr(single[1], name), getattr(sharded[1], name)
+        np.testing.assert_allclose(single_value, sharded_value, atol=2e-4, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(single[2].raw_score, sharded[2].raw_score, atol=1e-4)
     # Four optimizer steps of each model later, the parameters still agree to float32 noise.
     for field in ("params", "value_params"):
         jax.tree.map(
@@ -272,6 +280,97 @@ def test_a_sharded_iteration_equals_the_single_device_one(tmp_path):
         )
 
 
-def test_settings_are_hashable_so_jitted_steps_can_close_over_them(tmp_path):
-    settings = ppo.validate_config(tiny_ppo_config(tmp_path))
-    assert hash(settings) == hash(dataclasses.replace(settings))
+def test_options_are_hashable_so_jitted_programs_can_close_over_them(tmp_path):
+    options = run_config.validate(tiny_ppo_config(tmp_path), num_devices=8).options
+    assert isinstance(options, RLOptions)
+    assert hash(options) == hash(dataclasses.replace(options))
+
+
+# ------------------------------------------------------------------- the update, without a rollout
+# ``rl.update.update`` is a pure function of a state and an Experience: driven here on a synthetic
+# experience, with two tiny random models and no tokenizer, data or reward model.
+
+UPDATE_MODEL = llama.get_preset("tiny", num_hidden_layers=1, pad_token_id=3, max_position_embeddings=32)
+
+
+def _synthetic_experience(seed: int, *, rows: int = 8, prompt_len: int = 6, new: int = 5) -> Experience:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, UPDATE_MODEL.vocab_size, (rows, prompt_len + new)).astype(np.int32)
+    lengths = rng.integers(1, new + 1, rows)
+    mask = (np.arange(new)[None, :] < lengths[:, None]).astype(np.float32)
+    attention = np.concatenate([np.ones((rows, prompt_len), np.int32), mask.astype(np.int32)], axis=1)
+    positions = np.broadcast_to(np.arange(prompt_len + new, dtype=np.int32), ids.shape).copy()
+    advantages = rng.normal(size=(rows, new)).astype(np.float32) * mask
+    return Experience(
+        input_ids=ids,
+        attention_mask=attention,
+        position_ids=positions,
+        response_ids=ids[:, prompt_len:],
+        mask=mask,
+        old_logprobs=np.zeros((rows, new), np.float32),  # replaced by the policy's own below
+        old_values=rng.normal(size=(rows, new)).astype(np.float32) * mask,
+        advantages=advantages,
+        returns=rng.normal(size=(rows, new)).astype(np.float32) * mask,
+    )
+
+
+def _update_setup(options: RLOptions, learning_rate: float = 1e-2):
+    policy = llama.init_params(UPDATE_MODEL, "causal_lm", jax.random.key(0))
+    value = llama.init_params(UPDATE_MODEL, "value", jax.random.key(1))
+    optim_config = run_config.base_config("ppo").optim
+    optim_config.learning_rate, optim_config.warmup_steps, optim_config.clip_grad_norm = learning_rate, 0, 0.0
+    optimizers = Optimizers(
+        policy=optim.make_optimizer(optim_config, 10),
+        value=optim.make_optimizer(optim_config, 10),
+        policy_schedule=optim.make_schedule(optim_config, 10),
+        value_schedule=optim.make_schedule(optim_config, 10),
+    )
+    state = RLState(
+        step=jnp.int32(0),
+        params=policy,
+        opt_state=optimizers.policy.init(policy),
+        value_params=value,
+        value_opt_state=optimizers.value.init(value),
+        kl_coef=jnp.float32(options.kl_coef),
+    )
+    models = forward.Models(policy=UPDATE_MODEL, value=UPDATE_MODEL)
+    experience = _synthetic_experience(0)
+    old = forward.response_logprobs(
+        UPDATE_MODEL, policy, experience.sequences, experience.response_ids, chunk_size=options.logprob_chunk_size
+    )
+    experience = experience.replace(old_logprobs=old)
+    run = jax.jit(
+        functools.partial(update, models=models, options=options, optimizers=optimizers, num_microbatches=1),
+        static_argnames="train_policy",
+    )
+    return state, experience, run
+
+
+def test_the_update_on_a_synthetic_experience_matches_the_surrogate_formula_at_ratio_one():
+    options = RLOptions(logprob_chunk_size=4)
+    state, experience, run = _update_setup(options)
+    new_state, metrics = run(state, experience, jnp.float32(0.0), jax.random.key(0))
+    # One epoch of one minibatch at the experience's own parameters: the ratio is 1, nothing clips,
+    # and the policy loss is minus the token-mean advantage.
+    mask, advantages = np.asarray(experience.mask), np.asarray(experience.advantages)
+    np.testing.assert_allclose(metrics["ratio"], 1.0, atol=1e-6)
+    assert float(metrics["policy_clip_fraction"]) == 0.0
+    np.testing.assert_allclose(metrics["policy_loss"], -np.sum(advantages * mask) / mask.sum(), rtol=1e-5, atol=1e-6)
+    assert int(new_state.step) == 1 and float(metrics["skipped_updates"]) == 0.0
+    assert _changed(new_state.params, state.params) and _changed(new_state.value_params, state.value_params)
+
+
+def test_an_update_without_the_policy_trains_only_the_critic():
+    state, experience, run = _update_setup(RLOptions(logprob_chunk_size=4))
+    new_state, metrics = run(state, experience, jnp.float32(0.0), jax.random.key(0), train_policy=False)
+    assert not _changed(new_state.params, state.params)
+    assert _changed(new_state.value_params, state.value_params)
+    assert "policy_loss" not in metrics and float(metrics["learning_rate"]) == 0.0
+
+
+def test_later_minibatches_of_an_update_see_a_moved_policy_and_clip():
+    options = RLOptions(logprob_chunk_size=4, ppo_epochs=4, num_minibatches=2, clip_ratio=0.05)
+    state, experience, run = _update_setup(options, learning_rate=5e-2)
+    _, metrics = run(state, experience, jnp.float32(0.0), jax.random.key(0))
+    assert float(metrics["policy_clip_fraction"]) > 0.0
+    assert float(metrics["approx_kl"]) > 0.0

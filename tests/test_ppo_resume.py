@@ -24,8 +24,8 @@ def _config(out, cache_dir):
     config.ppo.kl_horizon = 100
     config.ppo.num_minibatches = 2
     config.ppo.ppo_epochs = 2
-    config.ppo.samples_every_steps = 1
-    config.ppo.samples_to_log = 3
+    config.logging.samples_every_steps = 1
+    config.logging.samples_to_log = 3
     config.checkpoint.save_every_steps = 1
     return config
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers.demo_data import DEMO_DATA, first_rows
 
-from easyppo.algorithms import base, rm, sft
+from easyppo.algorithms import base, sft
 from easyppo.cli import train as train_cli
 from easyppo.core import sharding
 from easyppo.data import pipeline
@@ -161,8 +161,8 @@ def _checkpoint_cfg(directory):
 def _poisoned(make_loss_fn):
     """A loss that is NaN whenever the batch carries a true ``poison`` flag."""
 
-    def make(module, model_config, config):
-        loss_fn = make_loss_fn(module, model_config, config)
+    def make(module, model_config):
+        loss_fn = make_loss_fn(module, model_config)
 
         def poisoned(params, frozen, batch, rng):
             batch = dict(batch)
@@ -187,17 +187,25 @@ def test_a_non_finite_step_leaves_parameters_and_optimizer_state_untouched(tmp_p
     config = run_config.resolve_paths(tiny_config("sft", tmp_path, small_data))
     config.optim.warmup_steps = None  # a zero warmup learning rate would hide whether the update applied
     mesh = sharding.make_mesh(config.mesh)
+    options = sft.SFTOptions()
     trainer = base.make_gradient_trainer(
-        config, mesh, 7, name="sft", data_kind="sft", kind="causal_lm", make_loss_fn=_poisoned(sft.make_loss_fn)
+        config,
+        mesh,
+        7,
+        kind="causal_lm",
+        loss_fn_for=_poisoned(lambda module, model_config: sft.make_loss_fn(module, model_config, options)),
+        pad_token_id=config.data.pad_id,
     )
     state = trainer.init_state()
     before = jax.device_get(state)
-    state, metrics = trainer.train_step(state, _sft_batch(config, mesh, poison=True), jax.random.key(0))
-    assert float(metrics["skipped"]) == 1.0
+    result = trainer.train_step(state, _sft_batch(config, mesh, poison=True), jax.random.key(0), step=0)
+    state = result.state
+    assert bool(result.skipped)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before.params)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), before.opt_state)
-    state, metrics = trainer.train_step(state, _sft_batch(config, mesh, poison=False), jax.random.key(1))
-    assert float(metrics["skipped"]) == 0.0
+    result = trainer.train_step(state, _sft_batch(config, mesh, poison=False), jax.random.key(1), step=1)
+    state = result.state
+    assert not bool(result.skipped)
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before.params)
     assert all(jax.tree.leaves(changed))
 
@@ -258,14 +266,15 @@ def test_the_sharded_step_equals_the_single_device_step(tmp_path, small_data):
     for shape, devices in (((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])):
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
         mesh = sharding.make_mesh(config.mesh, devices=devices)
-        trainer = rm.make_trainer(config, mesh, 7, train_data=None, eval_data=None)
+        trainer = loop.trainer_for(config, mesh, 7)
         state = trainer.init_state()
         data = pipeline.prepare_data(config.data)
         iterator = pipeline.make_iterator(data, config.data)
         for step in range(2):
             batch = sharding.host_local_to_global(next(iterator), mesh)
-            state, metrics = trainer.train_step(state, batch, jax.random.key(step))
-        results.append((jax.device_get(state.params), float(metrics["loss"])))
+            result = trainer.train_step(state, batch, jax.random.key(step), step=step)
+            state = result.state
+        results.append((jax.device_get(state.params), float(result.metrics["loss"])))
     (sharded, sharded_loss), (single, single_loss) = results
     np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), sharded, single)

@@ -8,22 +8,27 @@ and rejected sequences go through the model as one batch of 2B rows.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from easyppo.algorithms import base
-
-NAME = "rm"
-DATA_KIND = "preference"
-MODEL_KIND = "reward"
+from easyppo.algorithms.contract import Algorithm, RunInputs
+from easyppo.core.options import option, require, require_finite
 
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.use_margin = True  # Subtract each row's `margin` (0 where the data has none).
-    c.center_coef = 0.0  # Weight of the (r_chosen + r_rejected)^2 centring penalty.
-    return c
+@dataclasses.dataclass(frozen=True)
+class RMOptions:
+    """The ``rm`` options."""
+
+    use_margin: bool = option(True, "subtract each row's `margin` (0 where the data has none)")
+    center_coef: float = option(0.0, "weight of the (r_chosen + r_rejected)^2 centring penalty")
+
+    def __post_init__(self):
+        require_finite(self.center_coef, "center_coef")
+        require(self.center_coef >= 0, "center_coef", f"must be >= 0, got {self.center_coef}")
 
 
 def bradley_terry_loss(chosen: jax.Array, rejected: jax.Array, margin: jax.Array) -> jax.Array:
@@ -41,8 +46,8 @@ def pair_scores(module, params, batch) -> tuple[jax.Array, jax.Array]:
     return jnp.split(scores, 2)
 
 
-def make_loss_fn(module, model_config, config: ml_collections.ConfigDict) -> base.LossFn:
-    use_margin, center_coef = config.rm.use_margin, config.rm.center_coef
+def make_loss_fn(module, model_config, options: RMOptions) -> base.LossFn:
+    use_margin, center_coef = options.use_margin, options.center_coef
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng
@@ -77,22 +82,29 @@ def finalize_metrics(means: dict[str, float]) -> dict[str, float]:
 
 def make_trainer(
     config: ml_collections.ConfigDict,
+    options: RMOptions,
     mesh: jax.sharding.Mesh,
     total_steps: int,
     *,
-    train_data,
-    eval_data,
+    inputs: RunInputs,
     resuming: bool = False,
-):
-    del train_data, eval_data  # the loop feeds the batches; nothing is precomputed
+) -> base.GradientTrainer:
     return base.make_gradient_trainer(
         config,
         mesh,
         total_steps,
-        name=NAME,
-        data_kind=DATA_KIND,
-        kind=MODEL_KIND,
+        kind="reward",
+        pad_token_id=inputs.tokenizer.pad_id,
         resuming=resuming,
-        make_loss_fn=make_loss_fn,
+        loss_fn_for=lambda module, model_config: make_loss_fn(module, model_config, options),
         metric_finalizer=finalize_metrics,
     )
+
+
+ALGORITHM = Algorithm(
+    name="rm",
+    data_kind="preference",
+    model_kind="reward",
+    options_type=RMOptions,
+    make_trainer=make_trainer,
+)

@@ -7,23 +7,27 @@ across gradient-accumulation microbatches (see easyppo.core.grad_accum).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from easyppo.algorithms import base
+from easyppo.algorithms.contract import Algorithm, RunInputs
 from easyppo.core import ops
+from easyppo.core.options import option, require
 from easyppo.models import llama
 
-NAME = "sft"
-DATA_KIND = "sft"
-MODEL_KIND = "causal_lm"
 
+@dataclasses.dataclass(frozen=True)
+class SFTOptions:
+    """The ``sft`` options."""
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.logprob_chunk_size = 256  # Sequence positions per chunk of the vocab projection.
-    return c
+    logprob_chunk_size: int = option(256, "sequence positions per chunk of the vocabulary projection")
+
+    def __post_init__(self):
+        require(self.logprob_chunk_size >= 1, "logprob_chunk_size", f"must be >= 1, got {self.logprob_chunk_size}")
 
 
 def sequence_logprobs(
@@ -47,8 +51,8 @@ def sequence_logprobs(
     return logprobs, target_mask
 
 
-def make_loss_fn(module, model_config: llama.LlamaConfig, config: ml_collections.ConfigDict) -> base.LossFn:
-    chunk_size = config.sft.logprob_chunk_size
+def make_loss_fn(module, model_config: llama.LlamaConfig, options: SFTOptions) -> base.LossFn:
+    chunk_size = options.logprob_chunk_size
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng
@@ -75,21 +79,28 @@ def make_loss_fn(module, model_config: llama.LlamaConfig, config: ml_collections
 
 def make_trainer(
     config: ml_collections.ConfigDict,
+    options: SFTOptions,
     mesh: jax.sharding.Mesh,
     total_steps: int,
     *,
-    train_data,
-    eval_data,
+    inputs: RunInputs,
     resuming: bool = False,
-):
-    del train_data, eval_data  # the loop feeds the batches; nothing is precomputed
+) -> base.GradientTrainer:
     return base.make_gradient_trainer(
         config,
         mesh,
         total_steps,
-        name=NAME,
-        data_kind=DATA_KIND,
-        kind=MODEL_KIND,
+        kind="causal_lm",
+        pad_token_id=inputs.tokenizer.pad_id,
         resuming=resuming,
-        make_loss_fn=make_loss_fn,
+        loss_fn_for=lambda module, model_config: make_loss_fn(module, model_config, options),
     )
+
+
+ALGORITHM = Algorithm(
+    name="sft",
+    data_kind="sft",
+    model_kind="causal_lm",
+    options_type=SFTOptions,
+    make_trainer=make_trainer,
+)

@@ -69,7 +69,7 @@ def _tulu25_ppo(c, *, reward_model: str, output_name: str) -> None:
     c.ppo.sampling.max_new_tokens = 1024
     c.ppo.missing_eos_penalty = -10.0
     c.ppo.missing_eos_mode = "replace"
-    c.ppo.samples_every_steps = 50
+    c.logging.samples_every_steps = 50
     c.checkpoint.save_every_steps = 50
 
 
@@ -98,7 +98,7 @@ def get_config(preset: str = "demo"):
         c.ppo.sampling.temperature = 1.0
         c.ppo.sampling.max_new_tokens = 32
         c.ppo.missing_eos_penalty = -5.0
-        c.ppo.samples_every_steps = 10
+        c.logging.samples_every_steps = 10
         c.ppo.eval_greedy = False  # sampled held-out responses: the reward the policy is trained on
         c.checkpoint.save_every_steps = 20
     elif preset == "tulu25_13b_uf_mean":

@@ -9,15 +9,19 @@ e.g. SFT returns the summed token NLL and the number of loss tokens; DPO the sum
 the number of pairs. Gradients and metric sums are added up over microbatches and divided by the
 total count once at the end. Averaging per-microbatch means instead would weight a microbatch with
 3 loss tokens as much as one with 300, which is wrong whenever masks differ between microbatches.
+
+``gradient_update`` is the one guarded optimizer step every algorithm uses: accumulate, apply, and
+discard the whole update on the device if anything in it is not finite.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 from easyppo.core.ops import safe_divide
@@ -125,3 +129,46 @@ def _as_float32_pairs(metrics: Metrics) -> dict[str, tuple[jax.Array, jax.Array]
         name: (jnp.asarray(total, jnp.float32), jnp.asarray(count, jnp.float32))
         for name, (total, count) in metrics.items()
     }
+
+
+def finite_update(finite: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``finite`` else ``old``: a non-finite step leaves the state exactly as it was."""
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+class GradientUpdate(NamedTuple):
+    """One optimizer step's outcome (see :func:`gradient_update`)."""
+
+    params: Any
+    opt_state: Any
+    metrics: dict[str, jax.Array]  # the loss_fn's metrics, divided once (easyppo.core.grad_accum)
+    grad_norm: jax.Array
+    finite: jax.Array  # False: the loss or gradient was NaN/Inf and the step was discarded
+
+
+def gradient_update(
+    loss_fn,
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    num_microbatches: int,
+) -> GradientUpdate:
+    """One optimizer step on ``loss_fn(params, batch, rng)`` with gradient accumulation.
+
+    A non-finite loss or gradient leaves ``params`` and ``opt_state`` exactly as they were (on
+    device, without a host round trip); the caller counts ``~finite``.
+    """
+    grads, metrics = accumulate_gradients(loss_fn, params, batch, rng, num_microbatches)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    return GradientUpdate(
+        params=finite_update(finite, new_params, params),
+        opt_state=finite_update(finite, new_opt_state, opt_state),
+        metrics=metrics,
+        grad_norm=grad_norm,
+        finite=finite,
+    )

@@ -320,3 +320,16 @@ def constrain(x: jax.Array, spec: P) -> jax.Array:
             size *= axis_sizes[n]
         entries.append(names if names and dim % size == 0 else None)
     return jax.lax.with_sharding_constraint(x, P(*entries))
+
+
+# -------------------------------------------------------------------------------- abstract trees
+
+
+def abstract_tree(tree: PyTree) -> PyTree:
+    """``ShapeDtypeStruct``s (with shardings) of arrays or of ``ShapeDtypeStruct``s alike."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+    """The restore target of a state: each leaf's shape and dtype with the sharding it must have."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -527,3 +527,9 @@ def make_chat_format(name: str, tokenizer: Tokenizer) -> ChatFormat:
     except KeyError:
         raise ValueError(f"unknown chat format {name!r}; choose one of {', '.join(FORMAT_NAMES)}") from None
     return format_cls(tokenizer)
+
+
+def stop_token_ids(chat_format: ChatFormat, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids that end an assistant turn when sampling in ``chat_format``: its end-of-turn token
+    (Llama 3's ``<|eot_id|>``) and the tokenizer's EOS. The one answer for PPO and ``easyppo generate``."""
+    return tuple(dict.fromkeys((chat_format.end_of_turn_id, tokenizer.eos_id)))

@@ -51,6 +51,8 @@ import ml_collections
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from easyppo.core import options
+from easyppo.core.options import require
 from easyppo.core.sharding import BATCH_AXES, constrain
 from easyppo.models import llama
 
@@ -90,31 +92,24 @@ class SamplingConfig:
     def __post_init__(self):
         # Config files and command lines give lists; a tuple keeps the config hashable.
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(
-                f"sampling.temperature={self.temperature} must be > 0; set sampling.greedy=True for argmax decoding"
-            )
-        if self.top_k < 0:
-            raise ValueError(f"sampling.top_k={self.top_k} must be >= 0 (0 disables top-k)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1] (1 disables top-p)")
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(
+            self.greedy or self.temperature > 0,
+            "temperature",
+            f"must be > 0, got {self.temperature}; set sampling.greedy=True for argmax decoding",
+        )
+        require(self.top_k >= 0, "top_k", f"must be >= 0 (0 disables top-k), got {self.top_k}")
+        require(0.0 < self.top_p <= 1.0, "top_p", f"must be in (0, 1] (1 disables top-p), got {self.top_p}")
         negative = [i for i in self.stop_token_ids if i < 0]
-        if negative:
-            raise ValueError(f"sampling.stop_token_ids contains negative ids {negative}")
-        if self.pad_token_id < 0:
-            raise ValueError(f"sampling.pad_token_id={self.pad_token_id} must be >= 0")
+        require(not negative, "stop_token_ids", f"contains negative ids {negative}")
+        require(self.pad_token_id >= 0, "pad_token_id", f"must be >= 0, got {self.pad_token_id}")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> SamplingConfig:
-        """Builds the config from a ``ConfigDict`` (``config.sampling``) or a plain mapping."""
-        values = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown sampling config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
+    def from_config(
+        cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict, *, name: str = "sampling"
+    ) -> SamplingConfig:
+        """Builds the config from a ``ConfigDict`` (``config.sampling``) or a plain mapping; errors name ``name.key``."""
+        return options.from_config(cls, cfg, name=name)
 
     def stop_ids(self, model_config: llama.LlamaConfig) -> tuple[int, ...]:
         """Every id that ends a row: the model's EOS (if ``stop_at_eos``) and ``stop_token_ids``."""
@@ -137,7 +132,7 @@ class SamplingConfig:
 
 def default_config() -> ml_collections.ConfigDict:
     """Every sampling option with its default (from ``SamplingConfig``, the one place they live)."""
-    return ml_collections.ConfigDict(dataclasses.asdict(SamplingConfig()))
+    return options.to_config(SamplingConfig())
 
 
 # ----------------------------------------------------------------------------------- one step

@@ -6,31 +6,47 @@ puts them side by side and adds the loop's own options. Config files in ``config
 ``base_config(algorithm)`` and change values; the command line changes them again
 (``--config.optim.learning_rate=1e-6``). Nothing here reads flags.
 
-``validate`` runs every check that needs no weights and no data, so a typo or an impossible mesh
-fails in a second, not after the model has loaded.
+``validate`` is the one validation pass of a run: every check that needs no weights and no data
+(the algorithm's options, the mesh, batch splits, lengths against the model's architecture), so a
+typo or an impossible mesh fails in a second, naming the key, before anything is read, tokenised,
+loaded or compiled. It returns the ``RunPlan`` the loop goes on with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 from easyppo.algorithms import get_algorithm
+from easyppo.algorithms.contract import Algorithm
 from easyppo.core import optim, sharding
+from easyppo.core.options import OptionError
 from easyppo.data import pipeline
 from easyppo.run import metrics as metrics_lib
 from easyppo.weights import loading, run_checkpoint
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key."""
+class ConfigError(OptionError):
+    """A config value is invalid; the message names the key as ``config.<key>: ...``."""
 
     def __init__(self, key: str, message: str):
-        super().__init__(f"config.{key}: {message}")
-        self.key = key
+        super().__init__(key, message)
+        self.args = (f"config.{key}: {message}",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What validation established, so nothing is resolved twice: the algorithm's registry entry,
+    its validated options and the trained model's architecture."""
+
+    algorithm: Algorithm
+    options: Any
+    architecture: Any  # easyppo.models.llama.LlamaConfig
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -39,6 +55,8 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # Microbatches per step (the global batch is split, not multiplied).
     c.log_every_steps = 10
     c.max_consecutive_nonfinite = 5  # Skipped (NaN/Inf) steps in a row before the run stops.
+    c.preemption_sync_every_steps = 10  # Multi-host: hosts agree on a SIGTERM every N steps (one collective).
+    c.prefetch_batches = 2  # Host batches prepared (and placed on the devices) ahead of the step.
     c.export_hf_dir = ""  # Write the final model here as a Hugging Face directory.
     c.stop_at_step = 0  # >0: save and stop at this step (split a run into bounded jobs); resume later.
     return c
@@ -59,7 +77,7 @@ def eval_defaults() -> ml_collections.ConfigDict:
 
 def base_config(algorithm: str) -> ml_collections.ConfigDict:
     """Every option of a run of ``algorithm`` with its default."""
-    module = get_algorithm(algorithm)
+    entry = get_algorithm(algorithm)
     c = ml_collections.ConfigDict()
     c.algorithm = algorithm
     c.seed = 0
@@ -67,22 +85,22 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     c.model = loading.default_config()
     c.mesh = sharding.default_config()
     c.data = pipeline.default_config()
-    c.data.kind = module.DATA_KIND
+    c.data.kind = entry.data_kind
     c.eval = eval_defaults()
     c.optim = optim.default_config()
     c.train = train_defaults()
     c.checkpoint = run_checkpoint.default_config()
     c.logging = metrics_lib.default_config()
-    c[module.NAME] = module.default_config()
-    if hasattr(module, "PROGRESS_BAR_METRICS"):
-        c.logging.progress_bar_metrics = module.PROGRESS_BAR_METRICS
+    c[entry.name] = entry.default_config()
+    if entry.progress_bar_metrics is not None:
+        c.logging.progress_bar_metrics = entry.progress_bar_metrics
     return c
 
 
 def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Fills checkpoint and logging directories from ``output_dir`` where they are unset."""
     if not config.output_dir and not (config.checkpoint.directory and config.logging.directory):
-        raise ConfigError("output_dir", "set output_dir (or both run_checkpoint.directory and logging.directory)")
+        raise ConfigError("output_dir", "set output_dir (or both checkpoint.directory and logging.directory)")
     with config.unlocked():
         if not config.checkpoint.directory:
             config.checkpoint.directory = os.path.join(config.output_dir, "checkpoints")
@@ -102,12 +120,30 @@ def absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> None:
-    """Cheap consistency checks; raises ConfigError naming the key. Runs before anything loads."""
-    module = get_algorithm(config.algorithm)
-    if config.data.kind != module.DATA_KIND:
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunPlan:
+    """The run's one validation pass (module doc); raises ConfigError naming the key."""
+    try:
+        algorithm = get_algorithm(config.algorithm)
+    except ValueError as e:
+        raise ConfigError("algorithm", str(e)) from None
+    try:
+        options = algorithm.options(config)
+        if algorithm.check_run is not None:
+            algorithm.check_run(config, options)
+        _check_run(config, algorithm, options, num_devices=num_devices, process_count=process_count)
+        architecture = loading.resolve_architecture(config.model)
+    except ConfigError:
+        raise
+    except OptionError as e:
+        raise ConfigError(e.key, e.message) from None
+    _check_lengths(config, architecture)
+    return RunPlan(algorithm=algorithm, options=options, architecture=architecture)
+
+
+def _check_run(config, algorithm: Algorithm, options, *, num_devices: int, process_count: int) -> None:
+    if config.data.kind != algorithm.data_kind:
         raise ConfigError(
-            "data.kind", f"{config.algorithm} trains on {module.DATA_KIND!r} rows, not {config.data.kind!r}"
+            "data.kind", f"{config.algorithm} trains on {algorithm.data_kind!r} rows, not {config.data.kind!r}"
         )
     try:
         mesh_shape = dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(config.mesh, num_devices)))
@@ -117,11 +153,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
     if accum < 1:
         raise ConfigError("train.grad_accum_steps", f"must be >= 1, got {accum}")
-    if hasattr(module, "validate_config"):
-        module.validate_config(config)  # raises ValueError naming its config.<algorithm> key
     if batch % batch_ways:
         raise ConfigError("data.global_batch_size", f"{batch} is not divisible by mesh.data * mesh.fsdp = {batch_ways}")
-    update_rows = module.rows_per_update(config) if hasattr(module, "rows_per_update") else batch
+    update_rows = algorithm.update_rows(config, options)
     if update_rows % (accum * batch_ways):
         raise ConfigError(
             "data.global_batch_size",
@@ -133,7 +167,21 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     eval_batch = config.eval.batch_size or batch
     if eval_batch % batch_ways or eval_batch % process_count:
         raise ConfigError("eval.batch_size", f"{eval_batch} must be divisible by mesh.data * mesh.fsdp = {batch_ways}")
-    architecture = loading.resolve_architecture(config.model)
+    if config.train.num_steps < 0:
+        raise ConfigError("train.num_steps", f"must be >= 0, got {config.train.num_steps}")
+    if not config.train.num_steps and not config.data.num_epochs:
+        raise ConfigError("train.num_steps", "set train.num_steps or data.num_epochs so the run has an end")
+    for key in ("max_consecutive_nonfinite", "preemption_sync_every_steps", "log_every_steps"):
+        if config.train[key] < 1:
+            raise ConfigError(f"train.{key}", f"must be >= 1, got {config.train[key]}")
+    if config.train.prefetch_batches < 0:
+        raise ConfigError("train.prefetch_batches", f"must be >= 0, got {config.train.prefetch_batches}")
+    for key in ("samples_every_steps", "samples_to_log"):
+        if config.logging[key] < 0:
+            raise ConfigError(f"logging.{key}", f"must be >= 0, got {config.logging[key]}")
+
+
+def _check_lengths(config: ml_collections.ConfigDict, architecture) -> None:
     # Prompt rows have no max_seq_len (PPO checks prompt + generated length against the model).
     if config.data.kind != "prompt" and config.data.max_seq_len > architecture.max_position_embeddings:
         raise ConfigError(
@@ -146,12 +194,6 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
             "data.max_prompt_len",
             f"{prompt_len} leaves no room for a response in max_seq_len={config.data.max_seq_len}",
         )
-    if config.train.num_steps < 0:
-        raise ConfigError("train.num_steps", f"must be >= 0, got {config.train.num_steps}")
-    if not config.train.num_steps and not config.data.num_epochs:
-        raise ConfigError("train.num_steps", "set train.num_steps or data.num_epochs so the run has an end")
-    if config.train.max_consecutive_nonfinite < 1:
-        raise ConfigError("train.max_consecutive_nonfinite", "must be >= 1")
 
 
 def check_override_keys(config: ml_collections.ConfigDict, dotted_keys: list[str]) -> None:

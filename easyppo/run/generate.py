@@ -79,7 +79,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from easyppo.core import sharding
-from easyppo.data import pipeline
+from easyppo.data import chat, pipeline
 from easyppo.data.chat import FORMAT_NAMES, ChatFormat
 from easyppo.data.errors import BadRowsError, DataConfigError
 from easyppo.data.examples import TRUNCATION_MODES
@@ -197,7 +197,7 @@ def sampling_config(
         top_k=0 if options.greedy else options.top_k,
         top_p=1.0 if options.greedy else options.top_p,
         stop_at_eos=model_config.eos_token_id is not None,
-        stop_token_ids=(chat_format.end_of_turn_id, tokenizer.eos_id),
+        stop_token_ids=chat.stop_token_ids(chat_format, tokenizer),
         pad_token_id=tokenizer.pad_id,
     )
 

@@ -1,8 +1,13 @@
 """The one train loop for every algorithm (the command line is ``easyppo.cli.train``).
 
 The loop owns everything that is not the algorithm: the mesh, data, initialisation or resumption,
-logging, evaluation, checkpoints, preemption and export. An algorithm only supplies a
-:class:`~easyppo.algorithms.base.Trainer` (see ``easyppo.algorithms``).
+logging, evaluation, checkpoints, preemption and export. An algorithm only supplies its registry
+entry and a trainer (``easyppo.algorithms.contract``).
+
+The hot path, per step: the next batch is already on the devices (``pacing.Prefetcher`` reads,
+collates and places it in a background thread); the step is dispatched; the previous step's skipped
+flag and token count are read (``pacing.StepTracker``), which waits only for that earlier step while
+this one runs; metrics are read only on steps that log them, evaluation and checkpoints only when due.
 
 Guarantees:
 
@@ -10,7 +15,8 @@ Guarantees:
   together, and the step's RNG is ``fold_in(seed, step)``; a resumed run computes bit for bit what
   the uninterrupted run would have.
 * **Preemption.** SIGTERM makes the loop finish the current step, save a checkpoint and return
-  normally (exit status 0), so a pod scheduler's preemption costs no work.
+  normally (exit status 0), so a pod scheduler's preemption costs no work. Several hosts agree on
+  stopping every ``train.preemption_sync_every_steps`` steps.
 * **Non-finite steps.** A NaN/Inf loss or gradient leaves the state untouched (the step's update is
   discarded on device); it is counted and logged, and ``train.max_consecutive_nonfinite`` of them in
   a row stop the run with ``NonFiniteTrainingError``. A non-finite parameter is never checkpointed.
@@ -18,32 +24,25 @@ Guarantees:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import signal
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from easyppo.algorithms import get_algorithm
-from easyppo.core import multihost, optim, sharding
+from easyppo.algorithms.contract import RunInputs
+from easyppo.core import sharding
+from easyppo.core.options import OptionError
 from easyppo.data import pipeline
 from easyppo.data.export import save_tokenizer_files
 from easyppo.run import config as run_config
 from easyppo.run import metrics as metrics_lib
+from easyppo.run.pacing import NonFiniteTrainingError, PreemptionFlag, Prefetcher, StepTracker
 from easyppo.weights.run_checkpoint import Checkpointer
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 @dataclasses.dataclass
@@ -61,49 +60,16 @@ class RunResult:
     nonfinite_steps: int
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM (when the loop runs in the main thread) or by ``request()``."""
-
-    def __init__(self):
-        self._event = threading.Event()
-
-    def request(self, *_: Any) -> None:
-        self._event.set()
-
-    @property
-    def requested(self) -> bool:
-        return self._event.is_set()
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_PreemptionFlag]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = signal.signal(signal.SIGTERM, self.request)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _count_tokens(batch: Mapping[str, np.ndarray]) -> int:
-    """Real (non-pad) tokens in a host batch, whatever its kind."""
-    return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("attention_mask")))
-
-
 def evaluate(trainer, state, data: pipeline.PreparedData, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
-    """Held-out metrics: (sum, count) pairs added over every batch, divided once at the end."""
-    eval_data_cfg = _eval_data_config(config)
-    sums: dict[str, list[float]] = {}
-    for i, host_batch in enumerate(pipeline.make_iterator(data, eval_data_cfg)):
+    """Held-out metrics: (sum, count) pairs added on the device over every batch, read and divided once."""
+    totals = None
+    for i, host_batch in enumerate(pipeline.make_iterator(data, _eval_data_config(config))):
         if config.eval.max_batches and i >= config.eval.max_batches:
             break
-        pairs = jax.device_get(trainer.eval_step(state, sharding.host_local_to_global(host_batch, mesh)))
-        for name, (total, count) in pairs.items():
-            acc = sums.setdefault(name, [0.0, 0.0])
-            acc[0] += float(total)
-            acc[1] += float(count)
-    means = {name: (total / count if count else float("nan")) for name, (total, count) in sums.items()}
+        pairs = trainer.eval_step(state, sharding.host_local_to_global(host_batch, mesh))
+        totals = pairs if totals is None else jax.tree.map(lambda a, b: a + b, totals, pairs)
+    sums = jax.device_get(totals) if totals is not None else {}
+    means = {name: (float(total) / float(count) if count else float("nan")) for name, (total, count) in sums.items()}
     return trainer.finalize_metrics(means)
 
 
@@ -117,32 +83,28 @@ def _eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 
 def samples_due(config: ml_collections.ConfigDict, step: int) -> bool:
-    """Whether to log a table of the algorithm's samples after ``step`` (``<algorithm>.samples_every_steps``)."""
-    every = config[config.algorithm].get("samples_every_steps", 0)
+    """Whether to log a table of the algorithm's samples after ``step`` (``logging.samples_every_steps``)."""
+    every = config.logging.samples_every_steps
     return bool(every) and step % every == 0
 
 
-def _check_tokenizer_fits_model(tokenizer, config: ml_collections.ConfigDict) -> None:
-    from easyppo.run import config as run_config
-    from easyppo.weights.loading import resolve_architecture
-
-    vocab = resolve_architecture(config.model).vocab_size
-    if tokenizer.vocab_size > vocab:
+def _check_tokenizer_fits_model(tokenizer, architecture) -> None:
+    if tokenizer.vocab_size > architecture.vocab_size:
         raise run_config.ConfigError(
             "data.tokenizer_path",
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab}",
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {architecture.vocab_size}",
         )
 
 
-def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | None = None) -> RunResult:
+def train(config: ml_collections.ConfigDict, *, preemption: PreemptionFlag | None = None) -> RunResult:
     """Runs (or resumes) the run that ``config`` describes; see the module docstring."""
     config = run_config.resolve_paths(ml_collections.ConfigDict(config.to_dict()))
-    run_config.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    algorithm = get_algorithm(config.algorithm)
+    plan = run_config.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    algorithm = plan.algorithm
     mesh = sharding.make_mesh(config.mesh)
 
     tokenizer, chat_format = pipeline.load_tokenizer_and_format(config.data)
-    _check_tokenizer_fits_model(tokenizer, config)
+    _check_tokenizer_fits_model(tokenizer, plan.architecture)
     train_data = pipeline.prepare_data(config.data, tokenizer=tokenizer, chat_format=chat_format)
     eval_data = None
     if config.eval.path or config.eval.hf_dataset:
@@ -151,11 +113,15 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
     total_steps = config.train.num_steps or config.data.num_epochs * train_iter.batches_per_epoch
     logger.info("data: %s; %d steps", train_data.stats, total_steps)
 
-    checkpointer = Checkpointer(config.checkpoint, run_config=config)
-    resuming = checkpointer.latest_step() is not None
-    trainer = algorithm.make_trainer(
-        config, mesh, total_steps, train_data=train_data, eval_data=eval_data, resuming=resuming
+    checkpointer = Checkpointer(
+        config.checkpoint,
+        run_config=config,
+        model_kind=algorithm.model_kind,
+        tokenizer_fingerprint=tokenizer.fingerprint,
     )
+    resuming = checkpointer.latest_step() is not None
+    inputs = RunInputs(tokenizer=tokenizer, chat_format=chat_format, train_data=train_data, eval_data=eval_data)
+    trainer = algorithm.make_trainer(config, plan.options, mesh, total_steps, inputs=inputs, resuming=resuming)
     if resuming:
         restored = checkpointer.restore(trainer.abstract_state())
         state = restored.state
@@ -163,75 +129,68 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
         logger.info("resumed from step %d of %s", checkpointer.latest_step(), checkpointer.directory)
     else:
         state = trainer.init_state()
-    step = int(jax.device_get(state.step))
-    schedule = optim.make_schedule(config.optim, total_steps)
+    step = int(jax.device_get(state.step))  # the one read of the step; the host counts from here
     base_rng = jax.random.key(config.seed)
-    preemption = preemption or _PreemptionFlag()
+    preemption = preemption or PreemptionFlag()
+    tracker = StepTracker(config.train.max_consecutive_nonfinite)
 
-    status, streak, nonfinite_steps, initial_eval = "completed", 0, 0, {}
+    status, initial_eval = "completed", {}
     last_saved, train_metrics, eval_metrics = checkpointer.latest_step(), {}, {}
-    window_tokens, window_start = 0, time.perf_counter()
+    data_state, window_start = train_iter.state(), time.perf_counter()
 
     def save(force: bool) -> None:
         nonlocal last_saved
-        if last_saved != step and checkpointer.save(step, state, train_iter.state(), force=force):
+        if last_saved == step or not (force or checkpointer.should_save(step)):
+            return
+        tracker.settle()  # a streak that must stop the run stops it before anything is written
+        if checkpointer.save(step, state, data_state, force=True):
             last_saved = step
 
+    batches = Prefetcher(
+        train_iter, lambda batch: sharding.host_local_to_global(batch, mesh), config.train.prefetch_batches
+    )
     with (
-        metrics_lib.MetricLogger(
-            config.logging, total_steps=total_steps, start_step=step, run_config=config
-        ) as metrics_log,
+        metrics_lib.MetricLogger(config.logging, total_steps=total_steps, start_step=step, run_config=config) as log,
         preemption.installed(),
+        batches,
     ):
         if eval_data is not None and config.eval.at_start and step == 0:
             initial_eval = evaluate(trainer, state, eval_data, config, mesh)
-            metrics_log.log(step, {f"eval/{k}": v for k, v in initial_eval.items()})
-        while step < total_steps:
-            host_batch = next(train_iter)
-            batch = sharding.host_local_to_global(host_batch, mesh)
-            state, metrics = trainer.train_step(state, batch, jax.random.fold_in(base_rng, step))
-            step += 1
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            # A trainer that makes tokens of its own (PPO's rollouts) counts them; else the batch's.
-            window_tokens += metrics.pop("num_tokens", None) or _count_tokens(host_batch) * jax.process_count()
-            if metrics["skipped"]:
-                streak, nonfinite_steps = streak + 1, nonfinite_steps + 1
-                logger.warning("step %d: non-finite loss or gradient; update skipped", step)
-                if streak >= config.train.max_consecutive_nonfinite:
-                    metrics_log.log(step, {"nonfinite_steps": nonfinite_steps})
-                    raise NonFiniteTrainingError(
-                        f"{streak} consecutive steps (up to step {step}) had a non-finite loss or gradient "
-                        f"(train.max_consecutive_nonfinite={config.train.max_consecutive_nonfinite}); "
-                        f"parameters are those of step {step - streak}, last checkpoint: step {last_saved}"
+            log.log(step, {f"eval/{k}": v for k, v in initial_eval.items()})
+        try:
+            while step < total_steps:
+                batch, data_state = next(batches)
+                result = trainer.train_step(state, batch, jax.random.fold_in(base_rng, step), step=step)
+                state, step = result.state, step + 1
+                tracker.push(step, result.skipped, result.num_tokens)
+                if step % config.train.log_every_steps == 0 or step == total_steps:
+                    tracker.settle()
+                    train_metrics = trainer.finalize_metrics(
+                        {k: float(v) for k, v in jax.device_get(result.metrics).items()}
                     )
-            else:
-                streak = 0
-            if step % config.train.log_every_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                train_metrics = trainer.finalize_metrics(metrics)
-                metrics_log.log(
-                    step,
-                    {
-                        "learning_rate": float(schedule(step - 1)),  # unless the trainer reports its own
+                    elapsed, window_start = time.perf_counter() - window_start, time.perf_counter()
+                    row = {
                         **train_metrics,
-                        "tokens_per_second": window_tokens / max(elapsed, 1e-9),
-                        "epoch": train_iter.state().get("epoch", 0),
-                        "nonfinite_steps": nonfinite_steps,
-                    },
-                )
-                window_tokens, window_start = 0, time.perf_counter()
-            if samples_due(config, step) and hasattr(trainer, "rollout_samples"):
-                metrics_log.log_samples(step, trainer.rollout_samples(tokenizer))
-            eval_due = config.eval.every_steps and step % config.eval.every_steps == 0
-            if eval_data is not None and (eval_due or step == total_steps):
-                eval_metrics = evaluate(trainer, state, eval_data, config, mesh)
-                metrics_log.log(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-            save(force=False)
-            # Every host must stop at the same step, even if SIGTERM reached only some of them.
-            preempted = multihost.any_process(preemption.requested)
-            if preempted or step == config.train.stop_at_step:
-                status = "preempted" if preempted else "stopped"
-                break
+                        "tokens_per_second": tracker.take_tokens() / max(elapsed, 1e-9),
+                        "epoch": data_state.get("epoch", 0),
+                        "nonfinite_steps": tracker.nonfinite_steps,
+                    }
+                    log.log(step, row)
+                if result.samples is not None and samples_due(config, step):
+                    log.log_samples(step, result.samples.columns(tokenizer, config.logging.samples_to_log))
+                eval_due = config.eval.every_steps and step % config.eval.every_steps == 0
+                if eval_data is not None and (eval_due or step == total_steps):
+                    eval_metrics = evaluate(trainer, state, eval_data, config, mesh)
+                    log.log(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                save(force=False)
+                preempted = preemption.agreed(step, every=config.train.preemption_sync_every_steps)
+                if preempted or step == config.train.stop_at_step:
+                    status = "preempted" if preempted else "stopped"
+                    break
+            tracker.settle()
+        except NonFiniteTrainingError as e:
+            log.log(step, {"nonfinite_steps": tracker.nonfinite_steps})
+            raise NonFiniteTrainingError(f"{e}, last checkpoint: step {last_saved}") from None
         save(force=True)
         checkpointer.wait_until_finished()
 
@@ -250,5 +209,28 @@ def train(config: ml_collections.ConfigDict, *, preemption: _PreemptionFlag | No
         initial_eval_metrics=initial_eval,
         checkpoint_dir=str(config.checkpoint.directory),
         export_dir=export_dir,
-        nonfinite_steps=nonfinite_steps,
+        nonfinite_steps=tracker.nonfinite_steps,
     )
+
+
+def trainer_for(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    *,
+    train_data: pipeline.PreparedData | None = None,
+    eval_data: pipeline.PreparedData | None = None,
+    resuming: bool = False,
+):
+    """The trainer ``train`` would build for ``config``, outside the loop (tests, benchmarks, notebooks).
+
+    Validates the algorithm's options and loads the run's tokenizer and chat format as ``train`` does.
+    """
+    algorithm = get_algorithm(config.algorithm)
+    try:
+        options = algorithm.options(config)
+    except OptionError as e:
+        raise run_config.ConfigError(e.key, e.message) from None
+    tokenizer, chat_format = pipeline.load_tokenizer_and_format(config.data)
+    inputs = RunInputs(tokenizer=tokenizer, chat_format=chat_format, train_data=train_data, eval_data=eval_data)
+    return algorithm.make_trainer(config, options, mesh, total_steps, inputs=inputs, resuming=resuming)

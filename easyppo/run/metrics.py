@@ -43,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
     directory: local directory for metrics.jsonl, samples.jsonl and TensorBoard events. Required.
     metrics_filename / samples_filename: file names inside `directory`.
     progress_bar: show a tqdm bar (step, ETA and the metrics named in `progress_bar_metrics`).
+    samples_every_steps / samples_to_log: a table of the algorithm's samples (PPO's prompts,
+      responses and scores) every N steps (0: never), with this many rows.
     wandb.*: Weights & Biases run options; `run_id` unset means one is made up and kept in
       `directory/wandb_run_id.txt`, so a resumed run continues the same W&B run.
     tensorboard.*: TensorBoard event files (via tensorboardX) in `directory/<subdirectory>`.
@@ -53,6 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.samples_filename = "samples.jsonl"
     config.progress_bar = True
     config.progress_bar_metrics = ("loss", "tokens_per_second")
+    config.samples_every_steps = 0
+    config.samples_to_log = 8
     config.wandb = ml_collections.ConfigDict()
     config.wandb.enabled = False
     config.wandb.project = "easyppo"
