@@ -44,6 +44,7 @@ def build_config(out: pathlib.Path, *, steps: int, log_every: int) -> object:
     c.output_dir = str(out)
     c.train.export_hf_dir = ""
     c.train.num_steps = steps
+    c.data.num_epochs = None  # repeat the data: the run is as long as --steps
     c.train.log_every_steps = log_every
     c.eval.path = ""
     c.checkpoint.save_every_steps = 10 * steps  # only the final save, which the timing excludes
@@ -96,9 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for repeat in range(args.repeats):
             out = pathlib.Path(root) / f"run{repeat}"
             bare.append(bare_steps_per_second(build_config(out / "bare", steps=args.steps, log_every=10), args.steps))
-            looped.append(
-                loop_steps_per_second(build_config(out / "loop", steps=args.steps, log_every=args.log_every))
-            )
+            looped.append(loop_steps_per_second(build_config(out / "loop", steps=args.steps, log_every=args.log_every)))
     bare_median, loop_median = statistics.median(bare), statistics.median(looped)
     report = {
         "benchmark": "loop_overhead",

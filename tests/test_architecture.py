@@ -26,6 +26,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("configs", ("easyppo.configs",)),
     ("cli", ("easyppo.cli", "easyppo.train", "easyppo.__main__", "easyppo")),
 )
+# About 400 lines: a module a reader holds in their head. The margin admits the LLaMA model file.
+MAX_MODULE_LINES = 430
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -109,6 +111,15 @@ def test_no_module_imports_a_layer_above_its_own():
 
 def test_the_import_graph_has_no_cycle():
     assert find_cycle(import_graph()) is None
+
+
+def test_no_module_is_longer_than_the_budget():
+    long = {
+        module_name(path): n
+        for path in PACKAGE_ROOT.rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert long == {}, f"split these modules (over {MAX_MODULE_LINES} lines): {long}"
 
 
 # ------------------------------------------------------------------------------- the checker itself

@@ -375,7 +375,7 @@ def test_run_config_that_is_not_json_names_the_key():
 
 
 def test_unset_directory_is_a_clear_error():
-    with pytest.raises(ValueError, match="'directory' is not set"):
+    with pytest.raises(ValueError, match="checkpoint.directory: is not set"):
         run_checkpoint.Checkpointer(run_checkpoint.default_config())
 
 

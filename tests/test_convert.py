@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from easyppo.cli import convert as convert_cli
 from easyppo.models import llama
-from easyppo.weights import hf_files, huggingface, model_checkpoint
+from easyppo.weights import hf_files, hf_mapping, huggingface, model_checkpoint
 from easyppo.weights import verify as verify_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +237,7 @@ def test_plan_shards_keeps_order_and_gives_an_oversized_tensor_its_own_shard():
 
 def test_config_written_without_transformers_is_read_by_transformers(tmp_path, monkeypatch):
     config = llama.LlamaConfig(**{**TINY, "rope_theta": 500000.0}, rope_scaling=llama.RopeScaling())
-    hf_config = huggingface.hf_config_dict(config, "reward", dtype="bfloat16")
+    hf_config = hf_mapping.hf_config_dict(config, "reward", dtype="bfloat16")
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
         hf_files.write_config(str(tmp_path), hf_config)
@@ -420,7 +420,7 @@ def test_directory_without_weights_lists_the_expected_files(tmp_path):
 def test_reward_export_without_a_pad_token_is_refused():
     config = llama.LlamaConfig(**{**TINY, "pad_token_id": None})
     with pytest.raises(ValueError, match="needs a pad token id"):
-        huggingface.hf_config_dict(config, "reward", dtype="float32")
+        hf_mapping.hf_config_dict(config, "reward", dtype="float32")
 
 
 def test_cli_reports_bad_input_on_stderr_with_exit_code_2(tmp_path, capsys):

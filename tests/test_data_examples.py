@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from helpers.tokenizers import make_tiny_hf_tokenizer_dir, train_tiny_sentencepiece
 
+from easyppo.data.batcher import ExampleBatcher
 from easyppo.data.chat import make_chat_format
 from easyppo.data.errors import DataConfigError
-from easyppo.data.examples import ExampleBatcher, ExampleSettings, RowEncoder, Status, tokenize_records
+from easyppo.data.examples import ExampleSettings, RowEncoder, Status, tokenize_records
 from easyppo.data.tokenizer import load_tokenizer
 
 WIDTH = 128

@@ -24,6 +24,7 @@ from easyppo.data.export import save_tokenizer_files
 from easyppo.data.tokenizer import load_tokenizer
 from easyppo.models import generation, llama
 from easyppo.run import generate as generate_lib
+from easyppo.run import generate_options
 from easyppo.weights import huggingface
 
 PAD = 3  # the demo tokenizer's <pad>
@@ -70,7 +71,7 @@ def setup(tmp_path_factory):
     )
 
 
-def options(setup, output, **overrides) -> generate_lib.GenerateOptions:
+def options(setup, output, **overrides) -> generate_options.GenerateOptions:
     values = dict(
         checkpoint=setup["policy"],
         prompts=setup["prompts"],
@@ -82,7 +83,7 @@ def options(setup, output, **overrides) -> generate_lib.GenerateOptions:
         cache_dir=setup["cache_dir"],
         num_proc=1,
     )
-    return generate_lib.GenerateOptions(**{**values, **overrides})
+    return generate_options.GenerateOptions(**{**values, **overrides})
 
 
 def flags(setup, output, *extra) -> list[str]:
@@ -185,7 +186,7 @@ def test_num_samples_gives_that_many_distinct_samples_per_prompt(setup):
 def test_prompts_per_batch_is_the_smallest_count_that_fits_the_mesh():
     for batch_size, samples, ways, hosts in [(3, 1, 8, 1), (3, 2, 8, 1), (8, 3, 8, 1), (5, 4, 8, 2), (1, 1, 1, 1)]:
         expected = next(n for n in range(batch_size, 10_000) if (n * samples) % ways == 0 and n % hosts == 0)
-        assert generate_lib.prompts_per_batch(batch_size, samples, ways, hosts) == expected
+        assert generate_options.prompts_per_batch(batch_size, samples, ways, hosts) == expected
 
 
 # ------------------------------------------------------------------------------------ stop tokens
@@ -236,7 +237,7 @@ def test_generation_stops_at_the_chat_formats_end_of_turn_token_not_only_eos(tmp
 
     output = tmp_path / "out.jsonl"
     generate_lib.generate_file(
-        generate_lib.GenerateOptions(
+        generate_options.GenerateOptions(
             checkpoint=str(tmp_path / "policy"),
             prompts=str(prompts),
             output=str(output),

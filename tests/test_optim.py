@@ -100,11 +100,11 @@ def test_setting_both_warmup_steps_and_ratio_is_an_error_naming_both_keys():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"schedule": "exponential"}, "schedule='exponential' is unknown"),
-        ({"warmup_steps": 11}, "warmup_steps must be in"),
-        ({"warmup_ratio": 1.5}, "warmup_ratio must be in"),
-        ({"learning_rate": -1.0}, "learning_rate must be >= 0"),
-        ({"end_lr_ratio": -0.5}, "end_lr_ratio must be >= 0"),
+        ({"schedule": "exponential"}, "optim.schedule: 'exponential' is not one of"),
+        ({"warmup_steps": 11}, "optim.warmup_steps: must be in"),
+        ({"warmup_ratio": 1.5}, "optim.warmup_ratio: must be in"),
+        ({"learning_rate": -1.0}, "optim.learning_rate: must be >= 0"),
+        ({"end_lr_ratio": -0.5}, "optim.end_lr_ratio: must be >= 0"),
     ],
 )
 def test_bad_schedule_config_is_an_error_naming_the_key(overrides, message):
@@ -284,9 +284,9 @@ def test_clipping_changes_the_result_when_gradient_norms_vary():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"b2": 1.0}, "b2 must be in"),
-        ({"weight_decay": -0.1}, "weight_decay must be"),
-        ({"clip_grad_norm": -1.0}, "clip_grad_norm must be"),
+        ({"b2": 1.0}, "optim.b2: must be in"),
+        ({"weight_decay": -0.1}, "optim.weight_decay: must be"),
+        ({"clip_grad_norm": -1.0}, "optim.clip_grad_norm: must be"),
     ],
 )
 def test_bad_optimizer_config_is_an_error_naming_the_key(overrides, message):

@@ -90,6 +90,7 @@ def rows_per_update(config: ml_collections.ConfigDict, options: RLOptions) -> in
 
 def check_run(config: ml_collections.ConfigDict, options: RLOptions) -> None:
     """The checks that need more than the ``ppo`` section: the rollout's split, lengths and vocabularies."""
+    optim.check_config(config.ppo.value_optim, section="ppo.value_optim")
     rows = config.data.global_batch_size * options.samples_per_prompt
     if rows % options.num_minibatches:
         raise OptionError(

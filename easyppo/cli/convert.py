@@ -16,7 +16,7 @@ import ml_collections
 from easyppo.core import sharding as sharding_lib
 from easyppo.run import distributed
 from easyppo.weights import hf_files
-from easyppo.weights.huggingface import CAUSAL_LM_ARCHITECTURE, DTYPES, KINDS, SCORE_ARCHITECTURE
+from easyppo.weights.hf_mapping import CAUSAL_LM_ARCHITECTURE, DTYPES, KINDS, SCORE_ARCHITECTURE
 from easyppo.weights.model_checkpoint import convert_easyppo_to_hf, convert_hf_to_easyppo
 from easyppo.weights.verify import VerifyResult, verify
 

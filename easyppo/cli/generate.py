@@ -14,7 +14,8 @@ from easyppo.data.chat import FORMAT_NAMES
 from easyppo.data.errors import BadRowsError, RowError
 from easyppo.data.examples import TRUNCATION_MODES
 from easyppo.run import distributed
-from easyppo.run.generate import DTYPES, GenerateOptions, OptionError, generate_file
+from easyppo.run.generate import generate_file
+from easyppo.run.generate_options import DTYPES, GenerateOptions, OptionError
 
 
 def _token(text: str) -> int | str:

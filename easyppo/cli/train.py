@@ -122,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # force: importing orbax installs a root handler, which would make basicConfig a no-op.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
+        config = config_from_argv(["easyppo train", *argv])  # reads the config; touches no device
         distributed.initialize()  # EASYPPO_DISTRIBUTED (auto | always | never); before any other JAX call
-        config = config_from_argv(["easyppo train", *argv])
     except (run_config.ConfigError, distributed.DistributedConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

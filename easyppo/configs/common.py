@@ -10,13 +10,18 @@ from __future__ import annotations
 import pathlib
 
 DEMO_DATA = pathlib.Path(__file__).resolve().parent / "demo_data"
-DEMO_RUNS = pathlib.Path.cwd() / "runs" / "demo"  # absolute, so a stage finds the previous stage's output
+
+
+def demo_runs() -> pathlib.Path:
+    """Where the demo writes: ``runs/demo`` below the working directory when a preset is built, made
+    absolute so a stage finds the previous stage's output."""
+    return pathlib.Path.cwd() / "runs" / "demo"
 
 
 def apply_demo_settings(c, *, output_name: str) -> None:
     """The bundled demo: the tiny model and tokenizer, short sequences, CPU-sized batches."""
-    c.output_dir = str(DEMO_RUNS / output_name)
-    c.train.export_hf_dir = str(DEMO_RUNS / output_name / "hf")
+    c.output_dir = str(demo_runs() / output_name)
+    c.train.export_hf_dir = str(demo_runs() / output_name / "hf")
     c.model.preset = "tiny"
     c.model.vocab_size = 512
     c.model.pad_token_id = 3
@@ -28,7 +33,7 @@ def apply_demo_settings(c, *, output_name: str) -> None:
     c.data.max_prompt_len = 40
     c.data.global_batch_size = 32
     c.data.num_proc = 1
-    c.data.cache_dir = str(DEMO_RUNS / "cache")
+    c.data.cache_dir = str(demo_runs() / "cache")
     c.checkpoint.save_every_steps = 50
     c.checkpoint.max_to_keep = 2
     c.logging.progress_bar = True

@@ -36,7 +36,7 @@
 
 from __future__ import annotations
 
-from easyppo.configs.common import DEMO_DATA, DEMO_RUNS, apply_demo_settings, apply_pod_settings
+from easyppo.configs.common import DEMO_DATA, apply_demo_settings, apply_pod_settings, demo_runs
 from easyppo.run.config import base_config
 
 PRESETS = ("demo", "tulu25_13b_uf_mean", "tulu3_8b_dpo_norm")
@@ -51,7 +51,7 @@ def get_config(preset: str = "demo"):
     c = base_config("dpo")
     if preset == "demo":
         apply_demo_settings(c, output_name="dpo")
-        c.model.init_from = str(DEMO_RUNS / "sft" / "hf")
+        c.model.init_from = str(demo_runs() / "sft" / "hf")
         c.data.path = str(DEMO_DATA / "preference_train.jsonl")
         c.eval.path = str(DEMO_DATA / "preference_eval.jsonl")
         c.data.num_epochs = 1
@@ -61,7 +61,7 @@ def get_config(preset: str = "demo"):
         # model's while the held-out margin grows (with 0.1 both responses' log-probs plunge first).
         c.dpo.beta = 0.5
         c.dpo.reference = "precomputed"
-        c.dpo.reference_cache_dir = str(DEMO_RUNS / "cache" / "reference_logprobs")
+        c.dpo.reference_cache_dir = str(demo_runs() / "cache" / "reference_logprobs")
     elif preset == "tulu25_13b_uf_mean":
         c.output_dir = "runs/tulu25_13b_dpo_uf_mean"
         _pod_settings(c, "allenai/tulu-2-13b")

@@ -30,7 +30,7 @@
 
 from __future__ import annotations
 
-from easyppo.configs.common import DEMO_DATA, DEMO_RUNS, apply_demo_settings, apply_pod_settings
+from easyppo.configs.common import DEMO_DATA, apply_demo_settings, apply_pod_settings, demo_runs
 from easyppo.run.config import base_config
 
 PRESETS = ("demo", "tulu25_13b_uf_mean", "tulu25_13b_uf_mean_13b_uf_rm")
@@ -39,6 +39,7 @@ PRESETS = ("demo", "tulu25_13b_uf_mean", "tulu25_13b_uf_mean_13b_uf_rm")
 def _tulu25_ppo(c, *, reward_model: str, output_name: str) -> None:
     c.output_dir = f"runs/{output_name}"
     apply_pod_settings(c, init_from="allenai/tulu-2-13b")
+    c.train.preemption_sync_every_steps = 1  # iterations take minutes: agree on a SIGTERM every one
     for model in (c.ppo.reward_model, c.ppo.value_model):
         model.dtype = "bfloat16"
         model.scan_layers = True
@@ -77,8 +78,8 @@ def get_config(preset: str = "demo"):
     c = base_config("ppo")
     if preset == "demo":
         apply_demo_settings(c, output_name="ppo")
-        c.model.init_from = str(DEMO_RUNS / "sft" / "hf")
-        c.ppo.reward_model.init_from = str(DEMO_RUNS / "rm" / "hf")
+        c.model.init_from = str(demo_runs() / "sft" / "hf")
+        c.ppo.reward_model.init_from = str(demo_runs() / "rm" / "hf")
         c.data.path = str(DEMO_DATA / "prompts_train.jsonl")
         c.eval.path = str(DEMO_DATA / "prompts_eval.jsonl")
         c.eval.batch_size = 64

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from easyppo.configs.common import DEMO_DATA, DEMO_RUNS, apply_demo_settings, apply_pod_settings
+from easyppo.configs.common import DEMO_DATA, apply_demo_settings, apply_pod_settings, demo_runs
 from easyppo.run.config import base_config
 
 PRESETS = ("demo", "tulu25_13b_uf")
@@ -20,7 +20,7 @@ def get_config(preset: str = "demo"):
     c = base_config("rm")
     if preset == "demo":
         apply_demo_settings(c, output_name="rm")
-        c.model.init_from = str(DEMO_RUNS / "sft" / "hf")
+        c.model.init_from = str(demo_runs() / "sft" / "hf")
         c.data.path = str(DEMO_DATA / "preference_train.jsonl")
         c.eval.path = str(DEMO_DATA / "preference_eval.jsonl")
         c.data.num_epochs = 3

@@ -15,6 +15,8 @@ import ml_collections
 import optax
 from ml_collections import config_dict
 
+from easyppo.core.options import require, require_finite
+
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "constant")
 
 # Leaf names that are never weight-decayed, whatever their rank: RMSNorm gains and biases. Rank
@@ -40,22 +42,45 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def check_config(cfg: ml_collections.ConfigDict, *, section: str = "optim") -> None:
+    """Every optimizer option that needs no step count, checked before a run starts (errors name
+    ``<section>.<key>``). A learning rate or epsilon beyond float32's range would become inf on device."""
+    for key in ("learning_rate", "end_lr_ratio", "b1", "b2", "eps", "weight_decay"):
+        require_finite(cfg[key], f"{section}.{key}")
+    require(cfg.learning_rate >= 0, f"{section}.learning_rate", f"must be >= 0, got {cfg.learning_rate}")
+    require(cfg.schedule in SCHEDULES, f"{section}.schedule", f"{cfg.schedule!r} is not one of {SCHEDULES}")
+    require(cfg.end_lr_ratio >= 0, f"{section}.end_lr_ratio", f"must be >= 0, got {cfg.end_lr_ratio}")
+    for key in ("b1", "b2"):
+        require(0.0 <= cfg[key] < 1.0, f"{section}.{key}", f"must be in [0, 1), got {cfg[key]}")
+    require(cfg.eps > 0, f"{section}.eps", f"must be > 0, got {cfg.eps}")
+    require(cfg.weight_decay >= 0, f"{section}.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    if cfg.clip_grad_norm is not None:
+        require_finite(cfg.clip_grad_norm, f"{section}.clip_grad_norm")
+        require(
+            cfg.clip_grad_norm >= 0, f"{section}.clip_grad_norm", f"must be >= 0 (0 disables), got {cfg.clip_grad_norm}"
+        )
+    require(
+        cfg.warmup_steps is None or cfg.warmup_ratio is None,
+        f"{section}.warmup_steps",
+        f"set only one of warmup_steps={cfg.warmup_steps} and warmup_ratio={cfg.warmup_ratio}",
+    )
+    if cfg.warmup_ratio is not None:
+        require(0.0 <= cfg.warmup_ratio <= 1.0, f"{section}.warmup_ratio", f"must be in [0, 1], got {cfg.warmup_ratio}")
+    if cfg.warmup_steps is not None:
+        require(cfg.warmup_steps >= 0, f"{section}.warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
+
+
 def warmup_steps(cfg: ml_collections.ConfigDict, total_steps: int) -> int:
     """Warmup length in steps from whichever of `warmup_steps` / `warmup_ratio` is set."""
+    check_config(cfg)
     steps, ratio = cfg.warmup_steps, cfg.warmup_ratio
-    if steps is not None and ratio is not None:
-        raise ValueError(
-            f"optimizer config sets both warmup_steps={steps} and warmup_ratio={ratio}; set only one of them"
-        )
     if ratio is not None:
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"optimizer config warmup_ratio must be in [0, 1], got {ratio}")
         # Round first so that float noise (0.1 * 30 = 3.0000000000000004) does not add a step.
         return math.ceil(round(ratio * total_steps, 6))
     if steps is None:
         return 0
-    if not 0 <= steps <= total_steps:
-        raise ValueError(f"optimizer config warmup_steps must be in [0, total_steps={total_steps}], got {steps}")
+    if steps > total_steps:
+        raise ValueError(f"optim.warmup_steps: must be in [0, total_steps={total_steps}], got {steps}")
     return steps
 
 
@@ -72,12 +97,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     """
     if total_steps < 1:
         raise ValueError(f"make_schedule: total_steps must be >= 1, got {total_steps}")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"optimizer config schedule={cfg.schedule!r} is unknown; expected one of {SCHEDULES}")
-    if cfg.learning_rate < 0:
-        raise ValueError(f"optimizer config learning_rate must be >= 0, got {cfg.learning_rate}")
-    if cfg.end_lr_ratio < 0:
-        raise ValueError(f"optimizer config end_lr_ratio must be >= 0, got {cfg.end_lr_ratio}")
+    check_config(cfg)
     peak = cfg.learning_rate
     end = peak * cfg.end_lr_ratio
     warmup = warmup_steps(cfg, total_steps)
@@ -122,14 +142,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     Clipping comes first so that it acts on the raw gradient, before Adam's normalisation and the
     decoupled weight decay.
     """
-    for key in ("b1", "b2"):
-        if not 0.0 <= cfg[key] < 1.0:
-            raise ValueError(f"optimizer config {key} must be in [0, 1), got {cfg[key]}")
-    if cfg.weight_decay < 0:
-        raise ValueError(f"optimizer config weight_decay must be >= 0, got {cfg.weight_decay}")
-    if cfg.clip_grad_norm is not None and cfg.clip_grad_norm < 0:
-        raise ValueError(f"optimizer config clip_grad_norm must be >= 0 (0 disables), got {cfg.clip_grad_norm}")
-
+    check_config(cfg)
     clip = optax.clip_by_global_norm(cfg.clip_grad_norm) if cfg.clip_grad_norm else optax.identity()
     adamw = optax.adamw(
         learning_rate=make_schedule(cfg, total_steps),

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from ml_collections import config_dict
 
+from easyppo.data.batcher import ExampleBatcher
 from easyppo.data.errors import BadRowsError, DataConfigError, RowError, TooManyBadRowsError
 from easyppo.data.examples import (
-    ExampleBatcher,
     ExampleSettings,
     RowEncoder,
     Status,

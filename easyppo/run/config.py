@@ -27,6 +27,7 @@ from easyppo.algorithms.contract import Algorithm
 from easyppo.core import optim, sharding
 from easyppo.core.options import OptionError
 from easyppo.data import pipeline
+from easyppo.data.errors import DataConfigError
 from easyppo.run import metrics as metrics_lib
 from easyppo.weights import loading, run_checkpoint
 
@@ -131,11 +132,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
         if algorithm.check_run is not None:
             algorithm.check_run(config, options)
         _check_run(config, algorithm, options, num_devices=num_devices, process_count=process_count)
+        optim.check_config(config.optim)
+        run_checkpoint.check_config(config.checkpoint)
         architecture = loading.resolve_architecture(config.model)
     except ConfigError:
         raise
     except OptionError as e:
         raise ConfigError(e.key, e.message) from None
+    try:
+        pipeline.check_policy(config.data)
+    except DataConfigError as e:
+        raise ConfigError(f"data.{e.key}", e.detail) from None
     _check_lengths(config, architecture)
     return RunPlan(algorithm=algorithm, options=options, architecture=architecture)
 

@@ -18,181 +18,22 @@ against ``transformers`` is ``easyppo.weights.verify``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from etils import epath
 from flax import traverse_util
 
 from easyppo.core import sharding as sharding_lib
 from easyppo.models import partitioning
-from easyppo.models.llama import LlamaConfig, init_params, make_model
-from easyppo.weights import hf_files
-
-KINDS = ("causal_lm", "reward", "value")
-CAUSAL_LM_ARCHITECTURE = "LlamaForCausalLM"
-SCORE_ARCHITECTURE = "LlamaForSequenceClassification"
-
-# Parameter dtypes the converter reads and writes: float32 and bfloat16, plus float16, which some
-# older checkpoints use and which round-trips just as exactly.
-DTYPES = ("float32", "bfloat16", "float16")
+from easyppo.models.llama import LlamaConfig, make_model
+from easyppo.weights import hf_files, hf_mapping
 
 Path = tuple[str, ...]
 PyTree = Any
-
-# One decoder block: (HF name below ``model.layers.{i}.``, easyppo path below the block, transposed?).
-# torch's Linear stores weight as (out, in); Flax's Dense kernel is (in, out).
-_BLOCK_TENSORS: tuple[tuple[str, Path, bool], ...] = (
-    ("input_layernorm.weight", ("input_layernorm", "scale"), False),
-    ("self_attn.q_proj.weight", ("self_attn", "q_proj", "kernel"), True),
-    ("self_attn.k_proj.weight", ("self_attn", "k_proj", "kernel"), True),
-    ("self_attn.v_proj.weight", ("self_attn", "v_proj", "kernel"), True),
-    ("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), True),
-    ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), False),
-    ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), True),
-    ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), True),
-    ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), True),
-)
-_EMBEDDING = "model.embed_tokens.weight"
-_LM_HEAD = "lm_head.weight"
-
-# Buffers some older checkpoints saved that the config fully determines (RoPE frequencies).
-_DERIVED_TENSOR = re.compile(r"\.rotary_emb\.inv_freq$")
-
-
-# ------------------------------------------------------------------------------------ name mapping
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorLink:
-    """One Hugging Face tensor and the easyppo parameter (or, for scanned layers, the row of it) it is."""
-
-    hf_name: str
-    path: Path
-    layer: int | None  # row of a stacked [L, ...] leaf; None when the leaf is this tensor alone
-    transpose: bool
-    hf_shape: tuple[int, ...]
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r} must be one of {', '.join(map(repr, KINDS))}")
-
-
-def abstract_params(config: LlamaConfig, kind: str) -> PyTree:
-    """Shapes and dtypes of the parameter tree for ``config`` and ``kind``, without allocating it."""
-    _check_kind(kind)
-    return jax.tree.map(lambda leaf: leaf, _traced_params(config, kind))  # a fresh tree: callers may edit it
-
-
-@functools.lru_cache(maxsize=16)
-def _traced_params(config: LlamaConfig, kind: str) -> PyTree:
-    # Tracing the model takes a noticeable fraction of a second; a conversion asks several times.
-    return jax.eval_shape(functools.partial(init_params, config, kind), jax.random.key(0))
-
-
-def tensor_links(config: LlamaConfig, kind: str) -> list[TensorLink]:
-    """Every Hugging Face tensor of the model, mapped to its place in easyppo's parameter tree.
-
-    In file order: embedding, the layers in order, final norm, then the LM or score head.
-    """
-    flat = traverse_util.flatten_dict(abstract_params(config, kind))
-
-    def link(hf_name: str, path: Path, transpose: bool, layer: int | None = None) -> TensorLink:
-        shape = flat[path].shape[1:] if layer is not None else flat[path].shape
-        hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
-        return TensorLink(hf_name, path, layer, transpose, hf_shape)
-
-    links = [link(_EMBEDDING, ("model", "embed_tokens", "embedding"), False)]
-    for i in range(config.num_hidden_layers):
-        for suffix, sub_path, transpose in _BLOCK_TENSORS:
-            hf_name = f"model.layers.{i}.{suffix}"
-            if config.scan_layers:
-                links.append(link(hf_name, ("model", "layers", *sub_path), transpose, layer=i))
-            else:
-                links.append(link(hf_name, ("model", f"layers_{i}", *sub_path), transpose))
-    links.append(link("model.norm.weight", ("model", "norm", "scale"), False))
-    if kind == "causal_lm":
-        if not config.tie_word_embeddings:
-            links.append(link(_LM_HEAD, ("lm_head", "kernel"), True))
-    else:
-        links.append(link("score.weight", ("score", "kernel"), True))
-    return links
-
-
-def _links_by_leaf(links: Sequence[TensorLink]) -> dict[Path, list[TensorLink]]:
-    by_leaf: dict[Path, list[TensorLink]] = {}
-    for link in links:
-        by_leaf.setdefault(link.path, []).append(link)
-    return by_leaf
-
-
-# ------------------------------------------------------------------------------- HF config checks
-
-
-def _config_path(model_dir: str) -> str:
-    return str(epath.Path(model_dir) / hf_files.CONFIG_FILE)
-
-
-def _num_labels(hf_config: dict[str, Any]) -> int:
-    """How many outputs ``transformers`` would give the classifier: ``id2label`` decides, else 2."""
-    if hf_config.get("id2label"):
-        return len(hf_config["id2label"])
-    return int(hf_config.get("num_labels", 2))
-
-
-def architecture_kind(hf_config: dict[str, Any], model_dir: str) -> str | None:
-    """``"causal_lm"`` or ``"reward"`` from ``architectures`` (None if unstated); rejects anything else."""
-    architectures = hf_config.get("architectures") or []
-    if not architectures:
-        return None
-    architecture = architectures[0]
-    if architecture == CAUSAL_LM_ARCHITECTURE:
-        return "causal_lm"
-    if architecture == SCORE_ARCHITECTURE:
-        return "reward"
-    raise ValueError(
-        f"{_config_path(model_dir)}: architecture {architecture!r} is not supported; easyppo converts "
-        f"{CAUSAL_LM_ARCHITECTURE} and {SCORE_ARCHITECTURE} (num_labels=1)"
-    )
-
-
-def _check_architecture(hf_config: dict[str, Any], model_dir: str, kind: str) -> None:
-    if hf_config.get("model_type", "llama") != "llama":
-        raise ValueError(
-            f"{_config_path(model_dir)}: model_type {hf_config.get('model_type')!r} is not supported "
-            "(easyppo converts LLaMA-family models, model_type 'llama')"
-        )
-    stated = architecture_kind(hf_config, model_dir)
-    if stated == "causal_lm" and kind != "causal_lm":
-        raise ValueError(
-            f"{_config_path(model_dir)} describes a {CAUSAL_LM_ARCHITECTURE}, which has no score head; "
-            f"load it with kind='causal_lm' (kind={kind!r} needs a {SCORE_ARCHITECTURE})"
-        )
-    if stated == "reward" and kind == "causal_lm":
-        raise ValueError(
-            f"{_config_path(model_dir)} describes a {SCORE_ARCHITECTURE}, which has no LM head; "
-            "load it with kind='reward' or kind='value'"
-        )
-    if kind != "causal_lm" and _num_labels(hf_config) != 1:
-        raise ValueError(
-            f"{_config_path(model_dir)} has num_labels={_num_labels(hf_config)}; easyppo reward and value "
-            "models have a single output (num_labels=1)"
-        )
-
-
-def _config_from_hf(hf_config: dict[str, Any], model_dir: str, **settings: Any) -> LlamaConfig:
-    try:
-        return LlamaConfig.from_hf_dict(hf_config, **settings)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{_config_path(model_dir)}: {e}") from e
-
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -215,7 +56,9 @@ def _resolve_shardings(
     return jax.tree.map(lambda _: device, abstract)
 
 
-def _check_hf_tensors(checkpoint: hf_files.HFCheckpoint, links: Sequence[TensorLink], config: LlamaConfig) -> None:
+def _check_hf_tensors(
+    checkpoint: hf_files.HFCheckpoint, links: Sequence[hf_mapping.TensorLink], config: LlamaConfig
+) -> None:
     """Every expected tensor present with the shape ``config.json`` implies, and nothing unaccounted for."""
     for link in links:
         if link.hf_name not in checkpoint:
@@ -231,11 +74,11 @@ def _check_hf_tensors(checkpoint: hf_files.HFCheckpoint, links: Sequence[TensorL
                 f"{list(info.shape)}, but config.json implies {list(link.hf_shape)}"
             )
     expected = {link.hf_name for link in links}
-    redundant = {_LM_HEAD} if config.tie_word_embeddings else set()  # a tied head is the embedding
+    redundant = {hf_mapping.LM_HEAD} if config.tie_word_embeddings else set()  # a tied head is the embedding
     unexpected = [
         name
         for name in checkpoint.names
-        if name not in expected and name not in redundant and not _DERIVED_TENSOR.search(name)
+        if name not in expected and name not in redundant and not hf_mapping.DERIVED_TENSOR.search(name)
     ]
     if unexpected:
         shown = ", ".join(repr(n) for n in unexpected[:5])
@@ -251,7 +94,7 @@ def _slice_key(index: tuple[slice, ...]) -> tuple:
 
 
 def _leaf_reader(
-    checkpoint: hf_files.HFCheckpoint, links: Sequence[TensorLink], dtype: np.dtype
+    checkpoint: hf_files.HFCheckpoint, links: Sequence[hf_mapping.TensorLink], dtype: np.dtype
 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
     """``index -> leaf[index]`` for ``jax.make_array_from_callback``, reading only that slice from disk.
 
@@ -260,7 +103,7 @@ def _leaf_reader(
     stacked = links[0].layer is not None
     memo: dict[tuple, np.ndarray] = {}
 
-    def read_link(link: TensorLink, index: tuple[slice, ...]) -> np.ndarray:
+    def read_link(link: hf_mapping.TensorLink, index: tuple[slice, ...]) -> np.ndarray:
         if link.transpose:
             return checkpoint.read(link.hf_name, index[::-1]).T
         return checkpoint.read(link.hf_name, index)
@@ -282,11 +125,11 @@ def _leaf_reader(
 def _read_params(
     checkpoint: hf_files.HFCheckpoint, config: LlamaConfig, kind: str, shardings: PyTree
 ) -> dict[str, Any]:
-    links = tensor_links(config, kind)
+    links = hf_mapping.tensor_links(config, kind)
     _check_hf_tensors(checkpoint, links, config)
-    abstract = traverse_util.flatten_dict(abstract_params(config, kind))
+    abstract = traverse_util.flatten_dict(hf_mapping.abstract_params(config, kind))
     flat_shardings = traverse_util.flatten_dict(shardings)
-    by_leaf = _links_by_leaf(links)
+    by_leaf = hf_mapping.links_by_leaf(links)
     params = {}
     for path, leaf in abstract.items():
         if path not in flat_shardings:
@@ -294,13 +137,6 @@ def _read_params(
         reader = _leaf_reader(checkpoint, by_leaf[path], np.dtype(leaf.dtype))
         params[path] = jax.make_array_from_callback(leaf.shape, flat_shardings[path], reader)
     return traverse_util.unflatten_dict(params)
-
-
-def _dtype_name(dtype: Any) -> str:
-    name = np.dtype(dtype).name
-    if name not in DTYPES:
-        raise ValueError(f"dtype {name} is not supported; use one of {', '.join(DTYPES)}")
-    return name
 
 
 def load_hf(
@@ -327,53 +163,28 @@ def load_hf(
     (default ``easyppo.models.partitioning.LLAMA_RULES``), or else on the first local device; each device reads
     only its own slice of each tensor from disk.
     """
-    _check_kind(kind)
+    hf_mapping.check_kind(kind)
     hf_config = hf_files.read_config(path)
-    _check_architecture(hf_config, path, kind)
+    hf_mapping.check_architecture(hf_config, path, kind)
     with hf_files.HFCheckpoint(path) as checkpoint:
         if param_dtype is None:
-            if _EMBEDDING not in checkpoint:
-                raise ValueError(f"tensor {_EMBEDDING!r} is missing from {checkpoint.describe_location()}")
-            param_dtype = _dtype_name(checkpoint.info(_EMBEDDING).dtype)
-        config = _config_from_hf(
+            if hf_mapping.EMBEDDING not in checkpoint:
+                raise ValueError(f"tensor {hf_mapping.EMBEDDING!r} is missing from {checkpoint.describe_location()}")
+            param_dtype = hf_mapping.dtype_name(checkpoint.info(hf_mapping.EMBEDDING).dtype)
+        config = hf_mapping.config_from_hf(
             hf_config,
             path,
-            param_dtype=_dtype_name(param_dtype),
+            param_dtype=hf_mapping.dtype_name(param_dtype),
             dtype=dtype,
             scan_layers=scan_layers,
             remat=remat,
         )
-        shardings = _resolve_shardings(abstract_params(config, kind), shardings, mesh, rules)
+        shardings = _resolve_shardings(hf_mapping.abstract_params(config, kind), shardings, mesh, rules)
         params = _read_params(checkpoint, config, kind, shardings)
     return config, make_model(config, kind), params
 
 
 # ---------------------------------------------------------------------------------------- saving
-
-
-def hf_config_dict(config: LlamaConfig, kind: str, *, dtype: str, pad_token_id: int | None = None) -> dict[str, Any]:
-    """The ``config.json`` contents (as ``transformers.LlamaConfig`` keyword arguments) for ``kind``.
-
-    Reward and value models become ``LlamaForSequenceClassification`` with ``num_labels=1``; their
-    ``pad_token_id`` must be set, because that is how ``transformers`` finds each row's last token.
-    """
-    _check_kind(kind)
-    d = config.to_hf_dict()
-    d.pop("torch_dtype", None)
-    d["dtype"] = _dtype_name(dtype)
-    if pad_token_id is not None:
-        d["pad_token_id"] = int(pad_token_id)
-    if kind == "causal_lm":
-        d["architectures"] = [CAUSAL_LM_ARCHITECTURE]
-        return d
-    if d.get("pad_token_id") is None:
-        raise ValueError(
-            f"exporting a {kind} model as {SCORE_ARCHITECTURE} needs a pad token id (transformers finds "
-            "each sequence's last token by it): set config.pad_token_id or pass pad_token_id"
-        )
-    d["architectures"] = [SCORE_ARCHITECTURE]
-    d["num_labels"] = 1
-    return d
 
 
 def _to_host(x: Any) -> np.ndarray:
@@ -385,7 +196,7 @@ def _to_host(x: Any) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def _hf_tensor(leaf: Any, link: TensorLink, dtype: np.dtype) -> np.ndarray:
+def _hf_tensor(leaf: Any, link: hf_mapping.TensorLink, dtype: np.dtype) -> np.ndarray:
     x = _to_host(leaf if link.layer is None else leaf[link.layer])
     return (x.T if link.transpose else x).astype(dtype, copy=False)
 
@@ -393,7 +204,7 @@ def _hf_tensor(leaf: Any, link: TensorLink, dtype: np.dtype) -> np.ndarray:
 def _check_param_tree(params: PyTree, config: LlamaConfig, kind: str) -> dict[Path, Any]:
     """The flattened ``params``, after checking they have exactly the paths and shapes of ``kind``."""
     flat = traverse_util.flatten_dict(nn.unbox(params))
-    expected = traverse_util.flatten_dict(abstract_params(config, kind))
+    expected = traverse_util.flatten_dict(hf_mapping.abstract_params(config, kind))
     missing = [p for p in expected if p not in flat]
     extra = [p for p in flat if p not in expected]
     if missing or extra:
@@ -431,7 +242,7 @@ def save_hf(
     on one device. Tokenizer files are copied from ``tokenizer_dir`` when given. In a multi-host job
     call it on every process (each takes part in gathering); process 0 writes.
     """
-    _check_kind(kind)
+    hf_mapping.check_kind(kind)
     if hf_files.existing_weight_files(path):
         raise FileExistsError(
             f"{path} already holds weights ({', '.join(hf_files.existing_weight_files(path))}); "
@@ -440,8 +251,8 @@ def save_hf(
     flat = _check_param_tree(params, config, kind)
     if dtype is None:
         dtype = flat[("model", "embed_tokens", "embedding")].dtype
-    out_dtype = np.dtype(_dtype_name(dtype))
-    hf_config = hf_config_dict(config, kind, dtype=out_dtype.name, pad_token_id=pad_token_id)
+    out_dtype = np.dtype(hf_mapping.dtype_name(dtype))
+    hf_config = hf_mapping.hf_config_dict(config, kind, dtype=out_dtype.name, pad_token_id=pad_token_id)
     planned = [
         hf_files.PlannedTensor(
             link.hf_name,
@@ -449,7 +260,7 @@ def save_hf(
             out_dtype,
             functools.partial(_hf_tensor, flat[link.path], link, out_dtype),
         )
-        for link in tensor_links(config, kind)
+        for link in hf_mapping.tensor_links(config, kind)
     ]
     is_writer = jax.process_index() == 0
     files = hf_files.write_safetensors(path, planned, max_shard_bytes=max_shard_bytes, write=is_writer)

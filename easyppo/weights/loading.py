@@ -26,7 +26,7 @@ from ml_collections import config_dict
 
 from easyppo.core import sharding
 from easyppo.models import llama, partitioning
-from easyppo.weights import huggingface, model_checkpoint, run_checkpoint
+from easyppo.weights import hf_mapping, huggingface, model_checkpoint, run_checkpoint
 
 ARCHITECTURE_OVERRIDES = (
     "vocab_size",
@@ -111,15 +111,33 @@ def _stored_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
     path = epath.Path(cfg.init_from)
     if not path.exists():
         raise FileNotFoundError(f"model.init_from={cfg.init_from!r} does not exist")
-    if (path / model_checkpoint.MODEL_METADATA_FILE).exists():
-        config, _ = model_checkpoint.read_checkpoint_metadata(str(path))
+    return _read_architecture(str(path), _modification_stamp(path))
+
+
+def _modification_stamp(path: epath.Path) -> float | None:
+    """When ``path`` last changed (None where the filesystem does not say): part of the read cache's key,
+    so a directory rewritten in place is read again."""
+    try:
+        return max(child.stat().mtime for child in (path, *path.iterdir()))
+    except (OSError, AttributeError, NotImplementedError):
+        return None
+
+
+@functools.lru_cache(maxsize=64)
+def _read_architecture(path: str, stamp: float | None) -> llama.LlamaConfig:
+    """The architecture stored at ``path``, read once per run: validation, every model section of an
+    algorithm and the loaders all ask, and a remote read costs a round trip each time."""
+    del stamp  # only part of the cache key
+    root = epath.Path(path)
+    if (root / model_checkpoint.MODEL_METADATA_FILE).exists():
+        config, _ = model_checkpoint.read_checkpoint_metadata(path)
         return config
-    if (path / "config.json").exists():
-        return llama.LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-    if run_checkpoint.is_run_directory(path):
-        return resolve_architecture(ml_collections.ConfigDict(run_checkpoint.read_run_config(path)["model"]))
+    if (root / "config.json").exists():
+        return llama.LlamaConfig.from_hf_dict(json.loads((root / "config.json").read_text()))
+    if run_checkpoint.is_run_directory(root):
+        return resolve_architecture(ml_collections.ConfigDict(run_checkpoint.read_run_config(root)["model"]))
     raise ValueError(
-        f"model.init_from={cfg.init_from!r} is neither a Hugging Face directory (config.json), an easyppo "
+        f"model.init_from={path!r} is neither a Hugging Face directory (config.json), an easyppo "
         f"model checkpoint ({model_checkpoint.MODEL_METADATA_FILE}) nor a train run's checkpoint directory"
     )
 
@@ -178,11 +196,8 @@ def abstract_params(
     rules: sharding.PartitionRules = partitioning.LLAMA_RULES,
 ) -> dict:
     """Shapes, dtypes and shardings of ``kind``'s parameters for ``config``, allocating nothing."""
-    shapes = jax.eval_shape(
-        lambda: llama.make_model(config, kind).init(jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"]
-    )
-    shardings = sharding.named_shardings(shapes, mesh, rules)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    shapes = llama.abstract_params(config, kind)
+    return sharding.with_shardings(shapes, sharding.named_shardings(shapes, mesh, rules))
 
 
 def stored_model_kind(path: str) -> str | None:
@@ -196,7 +211,7 @@ def stored_model_kind(path: str) -> str | None:
     if (root / model_checkpoint.MODEL_METADATA_FILE).exists():
         return model_checkpoint.read_checkpoint_metadata(path)[1]
     if (root / "config.json").exists():
-        return huggingface.architecture_kind(json.loads((root / "config.json").read_text()), path)
+        return hf_mapping.architecture_kind(json.loads((root / "config.json").read_text()), path)
     kind = run_checkpoint.read_run_metadata(path).get("model_kind")
     if kind is None:
         kind = "reward" if "score" in run_checkpoint.stored_param_names(path) else "causal_lm"

@@ -21,16 +21,8 @@ from flax import traverse_util
 from easyppo.core import sharding as sharding_lib
 from easyppo.models.llama import LlamaConfig
 from easyppo.weights import hf_files
-from easyppo.weights.huggingface import (
-    _check_kind,
-    _check_param_tree,
-    _dtype_name,
-    _resolve_shardings,
-    abstract_params,
-    architecture_kind,
-    load_hf,
-    save_hf,
-)
+from easyppo.weights.hf_mapping import abstract_params, architecture_kind, check_kind, dtype_name
+from easyppo.weights.huggingface import _check_param_tree, _resolve_shardings, load_hf, save_hf
 
 MODEL_METADATA_FILE = "easyppo_model.json"
 PARAMS_DIR = "params"
@@ -52,7 +44,7 @@ def save_checkpoint(directory: str, config: LlamaConfig, params: PyTree, kind: s
     architecture, the parameter layout (``param_dtype``, ``scan_layers``) and the model kind, which is
     everything ``load_checkpoint`` needs to rebuild the tree and restore it onto any mesh.
     """
-    _check_kind(kind)
+    check_kind(kind)
     directory = epath.Path(directory)
     if (directory / MODEL_METADATA_FILE).exists() or (directory / PARAMS_DIR).exists():
         raise FileExistsError(f"{directory} already holds an easyppo model checkpoint")
@@ -102,7 +94,7 @@ def load_checkpoint(
     """
     config, kind = read_checkpoint_metadata(directory)
     if param_dtype is not None:
-        config = config.replace(param_dtype=_dtype_name(param_dtype))
+        config = config.replace(param_dtype=dtype_name(param_dtype))
     abstract = abstract_params(config, kind)
     shardings = _resolve_shardings(abstract, shardings, mesh, rules)
     target = jax.tree.map(

@@ -31,19 +31,19 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import json
-import math
 import platform
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from ml_collections import config_dict
+
+from easyppo.core.options import require
+from easyppo.weights import checkpoint_trees as trees
 
 PyTree = Any
 
@@ -89,6 +89,13 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def check_config(config: ml_collections.ConfigDict, *, section: str = "checkpoint") -> None:
+    """The checkpoint options, checked before a run starts; errors name ``<section>.<key>``. (A run
+    derives an unset ``directory`` from its ``output_dir``; the ``Checkpointer`` requires one.)"""
+    require(config.save_every_steps >= 1, f"{section}.save_every_steps", f"must be >= 1, got {config.save_every_steps}")
+    require(config.max_to_keep >= 0, f"{section}.max_to_keep", f"must be >= 0 (0 keeps all), got {config.max_to_keep}")
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoints. Every process must make the same calls.
 
@@ -114,15 +121,9 @@ class Checkpointer:
         model_kind: str | None = None,
         tokenizer_fingerprint: str | None = None,
     ):
-        if not config.directory:
-            raise ValueError("Checkpoint config key 'directory' is not set (e.g. --config.checkpoint.directory=...).")
-        if config.save_every_steps < 1:
-            raise ValueError(f"Checkpoint config key 'save_every_steps' must be >= 1, got {config.save_every_steps}.")
-        if config.max_to_keep < 0:
-            raise ValueError(
-                f"Checkpoint config key 'max_to_keep' must be >= 0 (0 keeps all), got {config.max_to_keep}."
-            )
-        self._run_config = _json_compatible_config(run_config)
+        require(bool(config.directory), "checkpoint.directory", "is not set (e.g. --config.checkpoint.directory=...)")
+        check_config(config)
+        self._run_config = trees.json_compatible_config(run_config)
         self._read_only = read_only
         self._identity = {"model_kind": model_kind, "tokenizer_fingerprint": tokenizer_fingerprint}
         self._manager = ocp.CheckpointManager(
@@ -180,8 +181,8 @@ class Checkpointer:
         if not force and not self.should_save(step):
             return False
         data_state = {} if data_state is None else data_state
-        _check_json_object(data_state, what="data_state")
-        bad_paths = _non_finite_leaf_paths(state)
+        trees.check_json_object(data_state, what="data_state")
+        bad_paths = trees.non_finite_leaf_paths(state)
         if bad_paths:
             latest = self.latest_step()
             raise NonFiniteStateError(
@@ -286,36 +287,36 @@ class Checkpointer:
         return step
 
     def _check_target(self, step: int, abstract: PyTree, *, partial: bool) -> None:
-        stored = _leaf_shapes(self._manager.metadata(step).item_metadata[STATE_ITEM].tree)
+        stored = trees.leaf_shapes(self._manager.metadata(step).item_metadata[STATE_ITEM].tree)
         requested = {}
         for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
             if getattr(leaf, "sharding", None) is None:
                 raise ValueError(
-                    f"Restore target leaf {_render(_key_parts(path))} has no sharding: pass "
+                    f"Restore target leaf {trees.render(trees.key_parts(path))} has no sharding: pass "
                     "jax.ShapeDtypeStruct(shape, dtype, sharding=...) leaves for the new run's mesh."
                 )
-            requested[_key_parts(path)] = tuple(leaf.shape)
+            requested[trees.key_parts(path)] = tuple(leaf.shape)
         where = f"checkpoint step {step} in {self.directory}"
         missing = [key for key in requested if key not in stored]
         if missing:
             stored_names = ["/".join(key) for key in stored]
             close = difflib.get_close_matches("/".join(missing[0]), stored_names, n=3)
             raise TreeMismatchError(
-                f"Restore target key {_render(missing[0])} is not in {where}"
+                f"Restore target key {trees.render(missing[0])} is not in {where}"
                 + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
                 + (f"; closest stored keys: {', '.join(repr(name) for name in close)}." if close else ".")
             )
         unexpected = [] if partial else [key for key in stored if key not in requested]
         if unexpected:
             raise TreeMismatchError(
-                f"{where[0].upper()}{where[1:]} holds key {_render(unexpected[0])} that the restore target lacks"
+                f"{where[0].upper()}{where[1:]} holds key {trees.render(unexpected[0])} that the restore target lacks"
                 + (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
                 + ". Use restore_subtree to read only part of a checkpoint."
             )
         for key, shape in requested.items():
             if shape != stored[key]:
                 raise TreeMismatchError(
-                    f"Restore target key {_render(key)} has shape {shape} but {where} stores shape {stored[key]}."
+                    f"Restore target key {trees.render(key)} has shape {shape} but {where} stores shape {stored[key]}."
                 )
 
 
@@ -352,7 +353,7 @@ def stored_param_names(directory: str | epath.Path, step: int | None = None) -> 
     config.directory = str(directory)
     with Checkpointer(config, read_only=True) as checkpointer:
         step = checkpointer._resolve_step(step)
-        stored = _leaf_shapes(checkpointer._manager.metadata(step).item_metadata[STATE_ITEM].tree)
+        stored = trees.leaf_shapes(checkpointer._manager.metadata(step).item_metadata[STATE_ITEM].tree)
     return {key[1] for key in stored if len(key) > 1 and key[0] == "params"}
 
 
@@ -387,99 +388,6 @@ def _pytree_restore_args(abstract: PyTree, *, partial: bool) -> ocp.args.PyTreeR
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=partial,
     )
-
-
-@jax.jit
-def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])
-
-
-def _non_finite_leaf_paths(state: PyTree) -> list[str]:
-    """Key paths of floating leaves holding NaN or Inf.
-
-    Device arrays are reduced where they live and only one boolean per leaf comes back. All leaves on
-    the same devices are checked by one program, and the groups run one after another: several
-    small collective programs in flight at once can deadlock the CPU runtime's all-reduce rendezvous
-    (seen with 8 emulated devices on 2 cores), and one program is cheaper anyway.
-    """
-    groups: dict[tuple[int, ...], list[tuple[Any, jax.Array]]] = {}
-    host_failures = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        if isinstance(leaf, jax.Array):
-            if jnp.issubdtype(leaf.dtype, jnp.inexact):
-                devices = tuple(sorted(d.id for d in leaf.sharding.device_set))
-                groups.setdefault(devices, []).append((path, leaf))
-        else:
-            array = np.asarray(leaf)
-            if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
-                host_failures.append(path)
-    device_failures = []
-    for members in groups.values():
-        flags = jax.device_get(_finite_flags([leaf for _, leaf in members]))
-        device_failures += [path for (path, _), finite in zip(members, flags, strict=True) if not finite]
-    return [_render(_key_parts(path)) for path in device_failures + host_failures]
-
-
-def _key_parts(path: tuple[Any, ...]) -> tuple[str, ...]:
-    """A key path as plain strings, so a dataclass attribute, a dict key and a stored key compare equal."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return tuple(parts)
-
-
-def _render(parts: tuple[str, ...]) -> str:
-    return "'" + "/".join(parts) + "'"
-
-
-def _leaf_shapes(stored_tree: PyTree) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Key path -> shape for every leaf of a checkpoint's tree metadata (scalars have shape ())."""
-    return {
-        _key_parts(path): tuple(getattr(leaf, "shape", None) or ())
-        for path, leaf in jax.tree_util.tree_leaves_with_path(stored_tree)
-    }
-
-
-def _json_compatible_config(run_config: ml_collections.ConfigDict | Mapping[str, Any] | None) -> dict[str, Any]:
-    """The run config as plain JSON data (tuples become lists); an error names any value that is not."""
-    if run_config is None:
-        return {}
-    if isinstance(run_config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-        run_config = run_config.to_dict()
-
-    def convert(value: Any, path: str) -> Any:
-        if isinstance(value, Mapping):
-            return {str(k): convert(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [convert(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        if value is None or isinstance(value, (str, bool, int)):
-            return value
-        if isinstance(value, float) and math.isfinite(value):
-            return value
-        raise TypeError(
-            f"Run config key '{path}' holds {value!r} ({type(value).__name__}), which cannot be saved "
-            "as JSON beside the checkpoint; use a string, number, bool, None, list or dict."
-        )
-
-    return convert(run_config, "")
-
-
-def _check_json_object(value: Any, *, what: str) -> None:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{what} must be a JSON object (a dict), got {type(value).__name__}.")
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"{what} is not JSON-serialisable (strict JSON, no NaN/Inf): {error}") from error
 
 
 def _library_versions() -> dict[str, str | None]:

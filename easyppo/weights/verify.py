@@ -14,7 +14,8 @@ import numpy as np
 
 from easyppo.models.llama import make_model
 from easyppo.weights import hf_files
-from easyppo.weights.huggingface import architecture_kind, load_hf
+from easyppo.weights.hf_mapping import architecture_kind
+from easyppo.weights.huggingface import load_hf
 from easyppo.weights.model_checkpoint import load_checkpoint
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 
 from easyppo.core import ops
-from easyppo.models import llama
+from easyppo.models import llama, sequences
 from easyppo.models.sequences import Sequences, response_columns
 
 PyTree = Any
@@ -61,6 +61,4 @@ def response_values(value: llama.LlamaConfig, params: PyTree, seqs: Sequences, n
 
 def sequence_scores(reward: llama.LlamaConfig, params: PyTree, seqs: Sequences) -> jax.Array:
     """The reward model's score [R] of each whole sequence (read at its last real token)."""
-    return llama.make_model(reward, "reward").apply(
-        {"params": params}, seqs.input_ids, seqs.attention_mask, seqs.position_ids
-    )
+    return sequences.reward_scores(llama.make_model(reward, "reward"), params, seqs)

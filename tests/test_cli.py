@@ -1,0 +1,85 @@
+"""Specification of the one ``easyppo`` command: subcommands, help, installed presets, one-line errors."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from easyppo.cli import main as cli_main
+from easyppo.cli import train as train_cli
+from easyppo.run import config as run_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_the_command_lists_its_subcommands(capsys):
+    assert cli_main.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("train", "generate", "convert"):
+        assert f"\n  {command} " in out
+
+
+def test_an_unknown_subcommand_is_one_error_line(capsys):
+    assert cli_main.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'trian'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "convert"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"easyppo {command}" in capsys.readouterr().out
+
+
+def test_train_help_lists_the_installed_presets(capsys):
+    assert cli_main.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config=ALGORITHM:PRESET" in out
+    for algorithm, presets in train_cli.installed_presets().items():
+        assert f"  {algorithm}: {', '.join(presets)}" in out
+    assert set(train_cli.installed_presets()) == {"sft", "rm", "dpo", "ppo"}
+
+
+def test_an_installed_preset_is_named_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = train_cli.config_from_argv(["easyppo train", "--config=sft:demo", "--config.optim.learning_rate=0.5"])
+    assert config.algorithm == "sft" and config.optim.learning_rate == 0.5
+    # The demo's data ships inside the package, and its outputs go below the working directory.
+    assert pathlib.Path(config.data.path.split(",")[0]).is_file()
+    assert pathlib.Path(config.output_dir).is_relative_to(tmp_path)
+
+
+def test_a_config_file_from_a_checkout_still_works():
+    config = train_cli.config_from_argv(["easyppo train", f"--config={REPO}/configs/ppo.py:demo"])
+    assert config.algorithm == "ppo"
+
+
+@pytest.mark.parametrize(
+    "reference, message",
+    [("ppo:nope", "ppo has no preset 'nope'"), ("grpo:demo", "neither a config file nor ALGORITHM:PRESET")],
+)
+def test_an_unknown_preset_names_the_choices(reference, message):
+    with pytest.raises(run_config.ConfigError, match=message):
+        train_cli.config_from_argv(["easyppo train", f"--config={reference}"])
+
+
+def test_train_reports_a_bad_override_in_one_line(capsys):
+    assert train_cli.main(["--config=sft:demo", "--config.optim.learning_rat=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config.optim.learning_rat: unknown key") and err.count("\n") == 1
+
+
+def test_python_dash_m_easyppo_runs_the_same_command():
+    done = subprocess.run(
+        [sys.executable, "-m", "easyppo", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "installed presets:" in done.stdout
