@@ -2,8 +2,10 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -83,3 +85,28 @@ def test_python_dash_m_easyppo_runs_the_same_command():
     )
     assert done.returncode == 0, done.stderr
     assert "installed presets:" in done.stdout
+
+
+def test_the_wheel_ships_the_command_the_presets_and_the_demo_data(tmp_path):
+    """What a plain ``pip install .`` gets: the installed command finds its presets and data anywhere."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "easyppo", source / "easyppo", ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("easyppo-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    demo_files = {p.name for p in (REPO / "easyppo" / "configs" / "demo_data").iterdir()}
+    assert {f"easyppo/configs/demo_data/{name}" for name in demo_files} <= names
+    assert {f"easyppo/configs/{name}.py" for name in ("sft", "rm", "dpo", "ppo")} <= names
+    assert "easyppo = easyppo.cli.main:main" in entry_points
