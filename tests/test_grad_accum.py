@@ -5,9 +5,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from easyppo.core.grad_accum import accumulate_gradients
+from easyppo.core.grad_accum import accumulate_gradients, all_finite, gradient_update
 
 VOCAB, DIM, BATCH, SEQ = 11, 4, 8, 6
 # Loss-token counts per row vary from 0 to 5, so every way of splitting the batch gives microbatches
@@ -191,3 +192,42 @@ def test_loss_fn_without_a_loss_pair_is_a_clear_error():
     for m in (1, 2):
         with pytest.raises(ValueError, match="'loss': \\(loss_sum, loss_count\\)"):
             accumulate_gradients(bad_loss, {"w": jnp.ones(())}, {"x": jnp.ones(4)}, jax.random.key(0), m)
+
+
+# ------------------------------------------------------------------------- the guarded update
+
+
+def huge_loss(params, batch, rng):
+    """The problem's loss times 1e15: the loss, every gradient and their norm are still finite in float32."""
+    loss_sum, metrics = sft_like_loss(params, batch, rng)
+    return loss_sum * 1e15, {**metrics, "loss": (metrics["loss"][0] * 1e15, metrics["loss"][1])}
+
+
+def _guarded_step(loss_fn, optimizer):
+    params, batch = make_problem(1)
+    opt_state = optimizer.init(params)
+    update = jax.jit(lambda p, s: gradient_update(loss_fn, optimizer, p, s, batch, jax.random.key(0), 2))(
+        params, opt_state
+    )
+    return params, opt_state, update
+
+
+def test_an_update_that_overflows_the_parameters_is_discarded_like_a_non_finite_gradient():
+    # 1e15-sized gradients times a learning rate of 1e30 overflow float32: the parameters would be inf.
+    params, opt_state, update = _guarded_step(huge_loss, optax.sgd(1e30))
+    assert np.isfinite(float(update.metrics["loss"])) and np.isfinite(float(update.grad_norm))
+    assert not bool(update.finite)
+    jax.tree.map(np.testing.assert_array_equal, update.params, params)
+    jax.tree.map(np.testing.assert_array_equal, update.opt_state, opt_state)
+
+
+def test_an_ordinary_update_is_applied():
+    params, _, update = _guarded_step(sft_like_loss, optax.adam(1e-2))
+    assert bool(update.finite)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), update.params, params)))
+
+
+def test_all_finite_looks_at_every_floating_leaf_and_ignores_integers():
+    assert bool(all_finite({"a": jnp.ones(3), "count": jnp.int32(7)}))
+    assert not bool(all_finite({"a": jnp.ones(3), "b": {"c": jnp.array([1.0, jnp.inf])}}))
+    assert not bool(all_finite([jnp.array(jnp.nan, jnp.bfloat16)]))

@@ -131,6 +131,12 @@ def _as_float32_pairs(metrics: Metrics) -> dict[str, tuple[jax.Array, jax.Array]
     }
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """True when every floating value of ``tree`` is finite (one scalar, reduced on the device)."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def finite_update(finite: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``finite`` else ``old``: a non-finite step leaves the state exactly as it was."""
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -143,7 +149,7 @@ class GradientUpdate(NamedTuple):
     opt_state: Any
     metrics: dict[str, jax.Array]  # the loss_fn's metrics, divided once (easyppo.core.grad_accum)
     grad_norm: jax.Array
-    finite: jax.Array  # False: the loss or gradient was NaN/Inf and the step was discarded
+    finite: jax.Array  # False: the loss, gradient or update was NaN/Inf and the step was discarded
 
 
 def gradient_update(
@@ -157,14 +163,16 @@ def gradient_update(
 ) -> GradientUpdate:
     """One optimizer step on ``loss_fn(params, batch, rng)`` with gradient accumulation.
 
-    A non-finite loss or gradient leaves ``params`` and ``opt_state`` exactly as they were (on
-    device, without a host round trip); the caller counts ``~finite``.
+    A non-finite loss or gradient, or an update that would make any parameter or optimizer-state
+    value non-finite (a finite gradient times a huge learning rate overflows float32), leaves
+    ``params`` and ``opt_state`` exactly as they were (on device, without a host round trip); the
+    caller counts ``~finite``.
     """
     grads, metrics = accumulate_gradients(loss_fn, params, batch, rng, num_microbatches)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite((new_params, new_opt_state))
     return GradientUpdate(
         params=finite_update(finite, new_params, params),
         opt_state=finite_update(finite, new_opt_state, opt_state),

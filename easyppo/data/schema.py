@@ -104,7 +104,9 @@ def _normalise_preference(where: _Where, value: Any) -> dict[str, Any]:
     row = _as_object(where, value)
     chosen = _required(where, row, "chosen")
     rejected = _required(where, row, "rejected")
-    if isinstance(chosen, list):
+    # A `prompt` field means the string form, unless both responses are message lists.
+    string_form = "prompt" in row and not (isinstance(chosen, list) and isinstance(rejected, list))
+    if isinstance(chosen, list) and not string_form:
         if not isinstance(rejected, list):
             raise where.error(
                 "rejected", "wrong_type", f"expected an array of messages like 'chosen', got {type_name(rejected)}"
@@ -116,7 +118,13 @@ def _normalise_preference(where: _Where, value: Any) -> dict[str, Any]:
         _check_same_prompt(where, chosen_messages[:-1], rejected_messages[:-1])
         prompt = chosen_messages[:-1]
         chosen_text, rejected_text = chosen_messages[-1]["content"], rejected_messages[-1]["content"]
-    elif isinstance(chosen, str):
+    elif isinstance(chosen, str) or string_form:
+        if not isinstance(chosen, str):
+            raise where.error(
+                "chosen",
+                "wrong_type",
+                f"expected a string (the prompt + chosen + rejected form), got {type_name(chosen)}",
+            )
         if not isinstance(rejected, str):
             raise where.error("rejected", "wrong_type", f"expected a string like 'chosen', got {type_name(rejected)}")
         prompt = [{"role": "user", "content": _prompt_string(where, row)}]
@@ -124,6 +132,12 @@ def _normalise_preference(where: _Where, value: Any) -> dict[str, Any]:
         rejected_text = _response_string(where, rejected, "rejected")
     else:
         raise where.error("chosen", "wrong_type", f"expected an array of messages or a string, got {type_name(chosen)}")
+    if chosen_text == rejected_text:
+        raise where.error(
+            "rejected",
+            "identical_responses",
+            "is identical to 'chosen'; a preference pair needs two different responses",
+        )
     return {"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text, "margin": _margin(where, row)}
 
 
@@ -267,14 +281,17 @@ def _response_string(where: _Where, value: str, field: str) -> str:
     return text
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # margins are float32 on the device; a larger one would be inf there
+
+
 def _margin(where: _Where, row: dict[str, Any]) -> float:
     margin = row.get("margin")
     if margin is None:
         return 0.0
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise where.error("margin", "wrong_type", f"expected a number, got {type_name(margin)}")
-    if not math.isfinite(margin):
-        raise where.error("margin", "invalid_value", f"must be finite, got {margin}")
+    if not math.isfinite(margin) or abs(margin) > _FLOAT32_MAX:
+        raise where.error("margin", "invalid_value", f"must be finite in float32 (|margin| <= 3.4e38), got {margin}")
     return float(margin)
 
 
