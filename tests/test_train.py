@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.demo_data import DEMO_DATA, first_rows
+from helpers.demo_data import DEMO_DATA
+from helpers.runs import small_demo_data, tiny_config
 
 from easyppo.algorithms import base, sft
 from easyppo.cli import train as train_cli
@@ -27,42 +28,7 @@ from easyppo.weights import huggingface, run_checkpoint
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """The first rows of the demo's files: enough for a few steps, and one cache for the module."""
-    root = tmp_path_factory.mktemp("data")
-    return {
-        "sft": first_rows(DEMO_DATA / "sft_train.jsonl", root / "sft.jsonl", 40),
-        "sft_eval": first_rows(DEMO_DATA / "sft_eval.jsonl", root / "sft_eval.jsonl", 16),
-        "preference": first_rows(DEMO_DATA / "preference_train.jsonl", root / "pref.jsonl", 40),
-        "cache": str(root / "cache"),
-    }
-
-
-def tiny_config(algorithm: str, out: pathlib.Path, data: dict, **train_overrides):
-    """A run of the tiny model on the demo tokenizer; 5 steps per epoch over 40 rows."""
-    c = run_config.base_config(algorithm)
-    c.output_dir = str(out)
-    c.model.preset = "tiny"
-    c.model.pad_token_id = 3
-    c.data.path = data["sft" if algorithm == "sft" else "preference"]
-    c.data.tokenizer_path = str(DEMO_DATA / "tokenizer.model")
-    c.data.pad_id = 3
-    c.data.max_seq_len = 64
-    c.data.max_prompt_len = 40
-    c.data.global_batch_size = 8
-    c.data.num_proc = 1
-    c.data.cache_dir = data["cache"]
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 2
-    c.train.num_steps = 7
-    c.train.log_every_steps = 1
-    c.checkpoint.save_every_steps = 100
-    c.checkpoint.async_save = False
-    c.logging.progress_bar = False
-    for key, value in train_overrides.items():
-        c.train[key] = value
-    return c
+small_data = pytest.fixture(scope="module", name="small_data")(small_demo_data)
 
 
 def final_params(run_dir: pathlib.Path, config):

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from easyppo import configs as presets_package
 from easyppo.run import config as run_config
 from easyppo.run import distributed
+from easyppo.run.lock import RunLockedError
 from easyppo.run.loop import train
 
 USAGE = """usage: easyppo train --config=ALGORITHM:PRESET | --config=FILE.py[:PRESET] [--config.KEY=VALUE ...]
@@ -127,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (run_config.ConfigError, distributed.DistributedConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = train(config)
+    try:
+        result = train(config)
+    except (run_config.ConfigError, RunLockedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{config.algorithm}: {result.status} at step {result.step}/{result.total_steps}")
     for name, metrics in (("train", result.train_metrics), ("eval", result.eval_metrics)):
         if metrics:

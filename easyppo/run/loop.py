@@ -24,21 +24,25 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 
 import jax
 import ml_collections
 
 from easyppo.algorithms import get_algorithm
 from easyppo.algorithms.contract import RunInputs
-from easyppo.core import sharding
+from easyppo.core import multihost, sharding
 from easyppo.core.options import OptionError
 from easyppo.data import pipeline
 from easyppo.data.export import save_tokenizer_files
 from easyppo.run import config as run_config
+from easyppo.run import export as export_lib
 from easyppo.run import metrics as metrics_lib
+from easyppo.run.lock import RunLock, RunLockedError
 from easyppo.run.pacing import NonFiniteTrainingError, PreemptionFlag, Prefetcher, StepTracker
 from easyppo.weights.run_checkpoint import Checkpointer
 
@@ -97,10 +101,44 @@ def _check_tokenizer_fits_model(tokenizer, architecture) -> None:
 
 
 def train(config: ml_collections.ConfigDict, *, preemption: PreemptionFlag | None = None) -> RunResult:
-    """Runs (or resumes) the run that ``config`` describes; see the module docstring."""
+    """Runs (or resumes) the run that ``config`` describes; see the module docstring.
+
+    SIGTERM and Ctrl-C are handled from here to the end of the export; the output directory is
+    locked against a second run for as long.
+    """
     config = run_config.resolve_paths(ml_collections.ConfigDict(config.to_dict()))
     plan = run_config.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    preemption = preemption or PreemptionFlag()
+    with preemption.installed(), _run_lock(config):
+        return _train(config, plan, preemption)
+
+
+@contextlib.contextmanager
+def _run_lock(config: ml_collections.ConfigDict) -> Iterator[None]:
+    """The output directory's lock, held by process 0; every host stops if it is taken."""
+    lock = RunLock(config.checkpoint.directory) if jax.process_index() == 0 else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            error = e
+    if multihost.any_process(error is not None):
+        raise error or RunLockedError(f"{config.checkpoint.directory} is in use by another run (see process 0)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preemption: PreemptionFlag) -> RunResult:
     algorithm = plan.algorithm
+    export_dir = config.train.export_hf_dir or None
+    try:  # before anything is read: a directory holding something else fails now, not after training
+        exported = export_dir is not None and export_lib.is_complete(export_dir, config.checkpoint.directory)
+    except export_lib.ExportDirectoryError as e:
+        raise run_config.ConfigError("train.export_hf_dir", str(e).split(": ", 1)[1]) from None
     mesh = sharding.make_mesh(config.mesh)
 
     tokenizer, chat_format = pipeline.load_tokenizer_and_format(config.data)
@@ -119,23 +157,37 @@ def train(config: ml_collections.ConfigDict, *, preemption: PreemptionFlag | Non
         model_kind=algorithm.model_kind,
         tokenizer_fingerprint=tokenizer.fingerprint,
     )
-    resuming = checkpointer.latest_step() is not None
+    latest = checkpointer.latest_step()
+    if exported and latest is not None and latest >= total_steps:
+        logger.info("this run is complete: step %d of %d, exported to %s", latest, total_steps, export_dir)
+        checkpointer.close()
+        return RunResult(
+            step=latest,
+            total_steps=total_steps,
+            status="completed",
+            train_metrics={},
+            eval_metrics={},
+            initial_eval_metrics={},
+            checkpoint_dir=str(config.checkpoint.directory),
+            export_dir=export_dir,
+            nonfinite_steps=0,
+        )
+    resuming = latest is not None
     inputs = RunInputs(tokenizer=tokenizer, chat_format=chat_format, train_data=train_data, eval_data=eval_data)
     trainer = algorithm.make_trainer(config, plan.options, mesh, total_steps, inputs=inputs, resuming=resuming)
     if resuming:
         restored = checkpointer.restore(trainer.abstract_state())
         state = restored.state
         train_iter.restore(restored.data_state)
-        logger.info("resumed from step %d of %s", checkpointer.latest_step(), checkpointer.directory)
+        logger.info("resumed from step %d of %s", latest, checkpointer.directory)
     else:
         state = trainer.init_state()
     step = int(jax.device_get(state.step))  # the one read of the step; the host counts from here
     base_rng = jax.random.key(config.seed)
-    preemption = preemption or PreemptionFlag()
     tracker = StepTracker(config.train.max_consecutive_nonfinite)
 
     status, initial_eval = "completed", {}
-    last_saved, train_metrics, eval_metrics = checkpointer.latest_step(), {}, {}
+    last_saved, train_metrics, eval_metrics = latest, {}, {}
     data_state, window_start = train_iter.state(), time.perf_counter()
 
     def save(force: bool) -> None:
@@ -151,7 +203,6 @@ def train(config: ml_collections.ConfigDict, *, preemption: PreemptionFlag | Non
     )
     with (
         metrics_lib.MetricLogger(config.logging, total_steps=total_steps, start_step=step, run_config=config) as log,
-        preemption.installed(),
         batches,
     ):
         if eval_data is not None and config.eval.at_start and step == 0:
@@ -194,11 +245,14 @@ def train(config: ml_collections.ConfigDict, *, preemption: PreemptionFlag | Non
         save(force=True)
         checkpointer.wait_until_finished()
 
-    export_dir = None
-    if status == "completed" and config.train.export_hf_dir:
-        export_dir = config.train.export_hf_dir
-        for directory in trainer.export(state, export_dir):
-            save_tokenizer_files(config.data.tokenizer_path, tokenizer, directory)
+    if status == "completed" and export_dir is not None:
+        export_lib.export_run(
+            lambda directory: trainer.export(state, directory),
+            export_dir,
+            finish=lambda directory: save_tokenizer_files(config.data.tokenizer_path, tokenizer, directory),
+            checkpoint_directory=str(config.checkpoint.directory),
+            step=step,
+        )
     checkpointer.close()
     return RunResult(
         step=step,
@@ -208,7 +262,7 @@ def train(config: ml_collections.ConfigDict, *, preemption: PreemptionFlag | Non
         eval_metrics=eval_metrics,
         initial_eval_metrics=initial_eval,
         checkpoint_dir=str(config.checkpoint.directory),
-        export_dir=export_dir,
+        export_dir=export_dir if status == "completed" else None,
         nonfinite_steps=tracker.nonfinite_steps,
     )
 

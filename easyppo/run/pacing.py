@@ -129,13 +129,24 @@ class Prefetcher(Iterator[tuple[Any, dict]]):
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (when the loop runs in the main thread) or by ``request()``."""
+    """Set by SIGTERM or a first Ctrl-C (when the loop runs in the main thread), or by ``request()``.
+
+    A second Ctrl-C aborts at once (``KeyboardInterrupt``): the first asks for a save and a clean stop.
+    """
 
     def __init__(self):
         self._event = threading.Event()
+        self._interrupts = 0
 
     def request(self, *_: Any) -> None:
         self._event.set()
+
+    def _interrupt(self, *_: Any) -> None:
+        self._interrupts += 1
+        if self._interrupts > 1:
+            raise KeyboardInterrupt
+        logger.warning("Ctrl-C: saving and stopping after this step (press it again to abort)")
+        self.request()
 
     @property
     def requested(self) -> bool:
@@ -156,11 +167,16 @@ class PreemptionFlag:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[PreemptionFlag]:
+        """SIGTERM and SIGINT handled by this flag inside the block (from start-up to the end of export)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGTERM, self.request)
+        previous = {
+            sig: signal.signal(sig, handler)
+            for sig, handler in ((signal.SIGTERM, self.request), (signal.SIGINT, self._interrupt))
+        }
         try:
             yield self
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,161 @@
+"""Specification of what a run does when things go wrong around it: a second run into the same
+directory, an export directory that is not empty, a finished run started again, an interrupted
+export, and Ctrl-C."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers.runs import small_demo_data, tiny_config
+
+from easyppo.run import config as run_config
+from easyppo.run import export as export_lib
+from easyppo.run import loop
+from easyppo.run.lock import RunLock, RunLockedError, lock_path
+from easyppo.run.pacing import PreemptionFlag
+from easyppo.weights import run_checkpoint
+
+small_data = pytest.fixture(scope="module", name="small_data")(small_demo_data)
+
+
+def _write_lock(path, **holder):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"host": socket.gethostname(), "started": time.time(), "heartbeat": time.time()} | holder)
+    )
+
+
+@pytest.fixture()
+def live_process():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+# ---------------------------------------------------------------------------- one run per directory
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_holder(tmp_path, small_data, live_process):
+    config = tiny_config("sft", tmp_path, small_data)
+    _write_lock(lock_path(str(tmp_path / "checkpoints")), pid=live_process)
+    with pytest.raises(RunLockedError, match=rf"in use by the run of process {live_process} on host"):
+        loop.train(config)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_lock_left_by_a_killed_run_on_this_host_is_taken_over_and_released_at_the_end(tmp_path, small_data):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    config = tiny_config("sft", tmp_path, small_data, num_steps=2)
+    lock = lock_path(str(tmp_path / "checkpoints"))
+    _write_lock(lock, pid=dead.pid)
+    assert loop.train(config).status == "completed"
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("age_s, stale", [(3600.0, True), (5.0, False)])
+def test_a_lock_from_another_host_is_stale_once_its_heartbeat_stops(tmp_path, age_s, stale):
+    directory = str(tmp_path / "checkpoints")
+    _write_lock(lock_path(directory), host="another-worker", pid=1, heartbeat=time.time() - age_s)
+    lock = RunLock(directory, stale_after_s=600.0)
+    if stale:
+        lock.acquire()
+        lock.release()
+    else:
+        with pytest.raises(RunLockedError, match="another-worker"):
+            lock.acquire()
+
+
+def test_two_runs_of_one_process_cannot_hold_one_directory(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    with RunLock(directory), pytest.raises(RunLockedError, match=f"process {os.getpid()}"):
+        RunLock(directory).acquire()
+    with RunLock(directory):  # released: free again
+        pass
+
+
+def test_the_lock_heartbeat_is_refreshed_while_the_run_holds_it(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    with RunLock(directory, heartbeat_s=0.05):
+        first = json.loads(lock_path(directory).read_text())["heartbeat"]
+        time.sleep(0.3)
+        assert json.loads(lock_path(directory).read_text())["heartbeat"] > first
+
+
+# ------------------------------------------------------------------------------------------ exports
+
+
+def test_an_export_directory_holding_other_files_is_refused_before_training(tmp_path, small_data):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"someone else's weights")
+    config = tiny_config("sft", tmp_path / "run", small_data, export_hf_dir=str(export))
+    with pytest.raises(run_config.ConfigError, match="config.train.export_hf_dir: .* not this run's export"):
+        loop.train(config)
+    reader = run_checkpoint.default_config()
+    reader.directory = str(tmp_path / "run" / "checkpoints")
+    assert (
+        not (tmp_path / "run" / "checkpoints").exists()
+        or run_checkpoint.Checkpointer(reader, read_only=True).latest_step() is None
+    )
+
+
+def test_a_finished_run_started_again_reports_complete_and_leaves_its_export_alone(tmp_path, small_data):
+    config = tiny_config("sft", tmp_path, small_data, num_steps=3, export_hf_dir=str(tmp_path / "hf"))
+    first = loop.train(config)
+    weights = tmp_path / "hf" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    again = loop.train(config)
+    assert (first.status, again.status) == ("completed", "completed")
+    assert again.step == 3 and again.export_dir == str(tmp_path / "hf")
+    assert weights.stat().st_mtime_ns == written
+    assert json.loads((tmp_path / "hf" / export_lib.MARKER_FILE).read_text())["step"] == 3
+
+
+def test_an_interrupted_export_leaves_nothing_under_the_final_name_and_a_rerun_finishes_it(
+    tmp_path, small_data, monkeypatch
+):
+    config = tiny_config("rm", tmp_path, small_data, num_steps=3, export_hf_dir=str(tmp_path / "hf"))
+
+    def killed_while_copying_the_tokenizer(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_tokenizer_files", killed_while_copying_the_tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config)
+    assert not (tmp_path / "hf").exists()
+    assert (tmp_path / ("hf" + export_lib.STAGING_SUFFIX)).exists()
+    monkeypatch.undo()
+    result = loop.train(config)  # the checkpoint is at the last step: nothing to train, only the export
+    assert result.status == "completed" and result.step == 3
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "tokenizer.model").exists()
+    assert not (tmp_path / ("hf" + export_lib.STAGING_SUFFIX)).exists()
+
+
+# ---------------------------------------------------------------------------------------- signals
+
+
+def test_ctrl_c_once_asks_for_a_clean_stop_and_twice_aborts():
+    flag = PreemptionFlag()
+    with flag.installed():
+        signal.raise_signal(signal.SIGINT)
+        assert flag.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is not flag._interrupt  # restored
+
+
+def test_sigterm_before_the_first_step_stops_after_one_saved_step(tmp_path, small_data):
+    flag = PreemptionFlag()
+    flag.request()  # as if SIGTERM arrived during start-up
+    result = loop.train(tiny_config("sft", tmp_path, small_data), preemption=flag)
+    assert result.status == "preempted" and result.step == 1
+    reader = run_checkpoint.default_config()
+    reader.directory = result.checkpoint_dir
+    assert run_checkpoint.Checkpointer(reader, read_only=True).latest_step() == 1
