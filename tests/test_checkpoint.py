@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from easyppo.weights import run_checkpoint
+from easyppo.weights import run_checkpoint, run_directory
 
 AUTO = jax.sharding.AxisType.Auto
 
@@ -266,7 +266,7 @@ def test_module_restore_subtree_reads_another_run_without_touching_it(saved, sta
     leftover = os.path.join(directory, "9.orbax-checkpoint-tmp")  # another run may still be writing it
     os.makedirs(leftover)
     target = {"params": abstract_on(state.params, make_mesh((1,), ("data",)), {})}
-    restored = run_checkpoint.restore_subtree(directory, target)
+    restored = run_directory.restore_subtree(directory, target)
     assert_trees_equal(restored["params"], expected.params)
     assert os.path.isdir(leftover)
 

@@ -33,7 +33,7 @@ import pytest
 from helpers.demo_data import DEMO_DATA, first_rows
 
 from easyppo.models import llama
-from easyppo.weights import run_checkpoint
+from easyppo.weights import run_directory
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -172,7 +172,7 @@ def checkpointed_params(run_dir: pathlib.Path, kinds: dict[str, str]) -> dict:
         abstract = jax.eval_shape(lambda: llama.init_params(model_config, kind, jax.random.key(0)))
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
 
-    return run_checkpoint.restore_subtree(run_dir / "checkpoints", {name: target(kind) for name, kind in kinds.items()})
+    return run_directory.restore_subtree(run_dir / "checkpoints", {name: target(kind) for name, kind in kinds.items()})
 
 
 def assert_trees_close(actual, expected, *, rtol: float, atol: float) -> None:

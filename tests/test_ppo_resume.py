@@ -11,7 +11,7 @@ from helpers.ppo_runs import TINY, metric_rows, tiny_ppo_config, train_rows
 from easyppo.core import sharding
 from easyppo.models import llama
 from easyppo.run import loop
-from easyppo.weights import huggingface, loading, run_checkpoint
+from easyppo.weights import huggingface, loading, run_directory
 
 STEPS = 3
 
@@ -62,7 +62,7 @@ def _state(run_dir):
 
     scalar = jax.ShapeDtypeStruct((), np.float32, sharding=device)
     tree = {"params": target("causal_lm"), "value_params": target("value"), "kl_coef": scalar}
-    return jax.device_get(run_checkpoint.restore_subtree(run_dir / "checkpoints", tree))
+    return jax.device_get(run_directory.restore_subtree(run_dir / "checkpoints", tree))
 
 
 def test_a_stopped_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(runs):

@@ -3,22 +3,27 @@ directory, an export directory that is not empty, a finished run started again, 
 export, and Ctrl-C."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 from helpers.runs import small_demo_data, tiny_config
 
+from easyppo.models import llama
 from easyppo.run import config as run_config
 from easyppo.run import export as export_lib
 from easyppo.run import loop
 from easyppo.run.lock import RunLock, RunLockedError, lock_path
 from easyppo.run.pacing import PreemptionFlag
-from easyppo.weights import run_checkpoint
+from easyppo.weights import run_checkpoint, run_directory
 
 small_data = pytest.fixture(scope="module", name="small_data")(small_demo_data)
 
@@ -159,3 +164,43 @@ def test_sigterm_before_the_first_step_stops_after_one_saved_step(tmp_path, smal
     reader = run_checkpoint.default_config()
     reader.directory = result.checkpoint_dir
     assert run_checkpoint.Checkpointer(reader, read_only=True).latest_step() == 1
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _truncate_largest_array_file(step_dir):
+    data = max(
+        (p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size
+    )
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+
+def _empty_the_step(step_dir):
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()  # what an interrupted copy of a run directory leaves
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate_largest_array_file, _empty_the_step], ids=["truncated_chunk", "empty_step"]
+)
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_step_and_is_kept(tmp_path, small_data, damage, caplog):
+    config = tiny_config("sft", tmp_path, small_data, num_steps=6)
+    config.checkpoint.save_every_steps, config.checkpoint.max_to_keep = 2, 0
+    loop.train(config)
+    expected = jax.device_get(final_params(tmp_path, config))
+    damage(tmp_path / "checkpoints" / "6")
+    with caplog.at_level(logging.WARNING, logger="easyppo.weights.run_checkpoint"):
+        result = loop.train(config)  # resumes from step 4 and redoes steps 5 and 6
+    assert result.status == "completed" and result.step == 6
+    assert any("checkpoint step 6" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "checkpoints" / f"6{run_checkpoint.DAMAGED_SUFFIX}").is_dir()  # moved aside, not deleted
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(final_params(tmp_path, config)), expected)
+
+
+def final_params(run_dir, config):
+    model_config = llama.get_preset("tiny", pad_token_id=3)
+    abstract = llama.abstract_params(model_config, "causal_lm")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    return run_directory.restore_subtree(run_dir / "checkpoints", {"params": target})["params"]

@@ -23,7 +23,7 @@ from easyppo.data import pipeline
 from easyppo.models import llama
 from easyppo.run import config as run_config
 from easyppo.run import loop
-from easyppo.weights import huggingface, run_checkpoint
+from easyppo.weights import huggingface, run_checkpoint, run_directory
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def final_params(run_dir: pathlib.Path, config):
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
         abstract,
     )
-    return run_checkpoint.restore_subtree(run_dir / "checkpoints", {"params": target})["params"]
+    return run_directory.restore_subtree(run_dir / "checkpoints", {"params": target})["params"]
 
 
 def metrics_lines(run_dir: pathlib.Path) -> list[dict]:

@@ -22,3 +22,9 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches this point (a no-op for one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -29,7 +29,7 @@ from easyppo.run.generate_options import (
     prompts_per_batch,
     sampling_config,
 )
-from easyppo.weights import loading, run_checkpoint
+from easyppo.weights import loading, run_directory
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def resolve_tokenizer_source(options: GenerateOptions) -> TokenizerSource:
       OptionError: no tokenizer was given and the checkpoint neither holds nor names one.
     """
     run_data: Mapping[str, Any] = {}
-    if run_checkpoint.is_run_directory(options.checkpoint):
-        run_data = run_checkpoint.read_run_config(options.checkpoint).get("data", {})
+    if run_directory.is_run_directory(options.checkpoint):
+        run_data = run_directory.read_run_config(options.checkpoint).get("data", {})
     chat_format = options.chat_format or run_data.get("chat_format") or DEFAULT_CHAT_FORMAT
     if options.tokenizer:
         return TokenizerSource(options.tokenizer, chat_format, pad_id=options.pad_id, origin="--tokenizer")

@@ -176,8 +176,8 @@ def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preempti
     inputs = RunInputs(tokenizer=tokenizer, chat_format=chat_format, train_data=train_data, eval_data=eval_data)
     trainer = algorithm.make_trainer(config, plan.options, mesh, total_steps, inputs=inputs, resuming=resuming)
     if resuming:
-        restored = checkpointer.restore(trainer.abstract_state())
-        state = restored.state
+        restored = checkpointer.restore_latest_intact(trainer.abstract_state())
+        state, latest = restored.state, int(restored.metadata["step"])
         train_iter.restore(restored.data_state)
         logger.info("resumed from step %d of %s", latest, checkpointer.directory)
     else:

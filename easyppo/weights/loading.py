@@ -26,7 +26,7 @@ from ml_collections import config_dict
 
 from easyppo.core import sharding
 from easyppo.models import llama, partitioning
-from easyppo.weights import hf_mapping, huggingface, model_checkpoint, run_checkpoint
+from easyppo.weights import hf_mapping, huggingface, model_checkpoint, run_directory
 
 ARCHITECTURE_OVERRIDES = (
     "vocab_size",
@@ -134,8 +134,8 @@ def _read_architecture(path: str, stamp: float | None) -> llama.LlamaConfig:
         return config
     if (root / "config.json").exists():
         return llama.LlamaConfig.from_hf_dict(json.loads((root / "config.json").read_text()))
-    if run_checkpoint.is_run_directory(root):
-        return resolve_architecture(ml_collections.ConfigDict(run_checkpoint.read_run_config(root)["model"]))
+    if run_directory.is_run_directory(root):
+        return resolve_architecture(ml_collections.ConfigDict(run_directory.read_run_config(root)["model"]))
     raise ValueError(
         f"model.init_from={path!r} is neither a Hugging Face directory (config.json), an easyppo "
         f"model checkpoint ({model_checkpoint.MODEL_METADATA_FILE}) nor a train run's checkpoint directory"
@@ -212,9 +212,9 @@ def stored_model_kind(path: str) -> str | None:
         return model_checkpoint.read_checkpoint_metadata(path)[1]
     if (root / "config.json").exists():
         return hf_mapping.architecture_kind(json.loads((root / "config.json").read_text()), path)
-    kind = run_checkpoint.read_run_metadata(path).get("model_kind")
+    kind = run_directory.read_run_metadata(path).get("model_kind")
     if kind is None:
-        kind = "reward" if "score" in run_checkpoint.stored_param_names(path) else "causal_lm"
+        kind = "reward" if "score" in run_directory.stored_param_names(path) else "causal_lm"
     return kind
 
 
@@ -230,7 +230,7 @@ def _load_weights(cfg, config, kind, mesh, rules) -> tuple[str, dict]:
         _, _, params = huggingface.load_hf(str(path), loaded_kind, mesh=mesh, rules=rules, **_compute_settings(cfg))
         return loaded_kind, params
     target = abstract_params(config, stored, mesh, rules)
-    return stored, run_checkpoint.restore_subtree(path, {"params": target})["params"]
+    return stored, run_directory.restore_subtree(path, {"params": target})["params"]
 
 
 def _relayout(params: dict, config: llama.LlamaConfig) -> dict:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata
-import json
+import logging
 import platform
 import time
 from collections.abc import Mapping
@@ -42,10 +42,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from ml_collections import config_dict
 
+from easyppo.core import multihost
 from easyppo.core.options import require
 from easyppo.weights import checkpoint_trees as trees
 
 PyTree = Any
+
+logger = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 DATA_STATE_ITEM = "data_state"
@@ -53,6 +56,7 @@ METADATA_ITEM = "metadata"
 CONFIG_ITEM = "config"
 CONFIG_FILENAME = "config.json"
 METADATA_FILENAME = "metadata.json"
+DAMAGED_SUFFIX = ".damaged"  # a step directory that could not be restored, kept for inspection
 
 _VERSIONED_PACKAGES = ("easyppo", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
@@ -250,6 +254,51 @@ class Checkpointer:
         metadata["config"] = restored[CONFIG_ITEM]
         return RestoredCheckpoint(restored[STATE_ITEM], restored[DATA_STATE_ITEM], metadata)
 
+    def restore_latest_intact(self, abstract_state: PyTree) -> RestoredCheckpoint:
+        """``restore`` of the newest step that restores, falling back past damaged ones.
+
+        A step that cannot be read (an empty or partly copied step directory, a truncated array
+        chunk) is reported in one line and moved aside to ``<step>.damaged``, never deleted, so that a
+        later save of that step number is possible and the bytes stay for inspection; the next older
+        step is tried. A restore target that does not match the checkpoint (``TreeMismatchError``) is
+        the run's own mistake, not damage, and is raised as it is. Every process of a multi-host job
+        must call this; the hosts agree on each step's verdict.
+
+        Raises:
+          FileNotFoundError: no step restores (the message lists the damaged ones).
+        """
+        damaged = []
+        for step in reversed(self.all_steps()):
+            problem = None
+            try:
+                restored = self.restore(abstract_state, step)
+            except TreeMismatchError:
+                raise
+            except Exception as error:
+                problem, restored = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}", None
+            if not multihost.any_process(problem is not None):
+                return restored
+            logger.warning(
+                "checkpoint step %d in %s cannot be restored (%s); moved aside and falling back to the previous step",
+                step,
+                self.directory,
+                problem or "damaged on another host",
+            )
+            damaged.append(step)
+            self._move_aside(step)
+        raise FileNotFoundError(f"No intact checkpoint in {self.directory}; damaged steps {damaged} were moved aside.")
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0 and not self._read_only:
+            source = self.directory / str(step)
+            target = self.directory / f"{step}{DAMAGED_SUFFIX}"
+            suffix = 1
+            while target.exists():
+                target, suffix = self.directory / f"{step}{DAMAGED_SUFFIX}{suffix}", suffix + 1
+            source.rename(target)
+        multihost.barrier("easyppo-move-aside")
+        self._manager.reload()
+
     def restore_subtree(self, abstract_subtree: PyTree, step: int | None = None) -> PyTree:
         """Restores only the leaves named by `abstract_subtree`, e.g. `{"params": abstract_params}`.
 
@@ -318,51 +367,6 @@ class Checkpointer:
                 raise TreeMismatchError(
                     f"Restore target key {trees.render(key)} has shape {shape} but {where} stores shape {stored[key]}."
                 )
-
-
-def restore_subtree(directory: str | epath.Path, abstract_subtree: PyTree, step: int | None = None) -> PyTree:
-    """Reads part of another run's checkpoint (read-only), e.g. the params of an SFT or reward model."""
-    config = default_config()
-    config.directory = str(directory)
-    with Checkpointer(config, read_only=True) as checkpointer:
-        return checkpointer.restore_subtree(abstract_subtree, step=step)
-
-
-def read_run_config(directory: str | epath.Path, step: int | None = None) -> dict[str, Any]:
-    """The resolved run config saved with `step` (default: the latest) of a run's checkpoints."""
-    config = default_config()
-    config.directory = str(directory)
-    with Checkpointer(config, read_only=True) as checkpointer:
-        step = checkpointer._resolve_step(step)
-    return json.loads((epath.Path(directory) / str(step) / CONFIG_ITEM / CONFIG_FILENAME).read_text())
-
-
-def read_run_metadata(directory: str | epath.Path, step: int | None = None) -> dict[str, Any]:
-    """The metadata saved with `step` (default: the latest): step, wall time, versions, topology, and
-    (for runs since they were recorded) ``model_kind`` and ``tokenizer_fingerprint``."""
-    config = default_config()
-    config.directory = str(directory)
-    with Checkpointer(config, read_only=True) as checkpointer:
-        step = checkpointer._resolve_step(step)
-    return json.loads((epath.Path(directory) / str(step) / METADATA_ITEM / METADATA_FILENAME).read_text())
-
-
-def stored_param_names(directory: str | epath.Path, step: int | None = None) -> set[str]:
-    """The top-level names under the stored state's ``params`` (e.g. ``{"model", "lm_head"}``)."""
-    config = default_config()
-    config.directory = str(directory)
-    with Checkpointer(config, read_only=True) as checkpointer:
-        step = checkpointer._resolve_step(step)
-        stored = trees.leaf_shapes(checkpointer._manager.metadata(step).item_metadata[STATE_ITEM].tree)
-    return {key[1] for key in stored if len(key) > 1 and key[0] == "params"}
-
-
-def is_run_directory(directory: str | epath.Path) -> bool:
-    """True when `directory` holds at least one finalised train-run checkpoint step."""
-    path = epath.Path(directory)
-    return path.is_dir() and any(
-        child.name.isdigit() and (child / CONFIG_ITEM / CONFIG_FILENAME).exists() for child in path.iterdir()
-    )
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
