@@ -5,6 +5,7 @@ export, and Ctrl-C."""
 import json
 import logging
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -15,7 +16,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers.demo_data import DEMO_DATA
 from helpers.runs import small_demo_data, tiny_config
+from helpers.tokenizers import train_tiny_sentencepiece
 
 from easyppo.models import llama
 from easyppo.run import config as run_config
@@ -204,3 +207,55 @@ def final_params(run_dir, config):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     return run_directory.restore_subtree(run_dir / "checkpoints", {"params": target})["params"]
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+
+@pytest.fixture()
+def stopped_run(tmp_path, small_data):
+    """A tiny SFT run stopped at step 2 of 4, with its own copy of the demo tokenizer."""
+    tokenizer = tmp_path / "tokenizer.model"
+    shutil.copy(DEMO_DATA / "tokenizer.model", tokenizer)
+    config = tiny_config("sft", tmp_path / "run", small_data, num_steps=4, stop_at_step=2)
+    config.data.tokenizer_path = str(tokenizer)
+    assert loop.train(config).status == "stopped"
+    config.train.stop_at_step = 0  # a key that may change on resume
+    return config
+
+
+def _latest_step(config):
+    reader = run_checkpoint.default_config()
+    reader.directory = str(pathlib.Path(config.output_dir) / "checkpoints")
+    return run_checkpoint.Checkpointer(reader, read_only=True).latest_step()
+
+
+def test_resuming_with_a_changed_learning_rate_is_refused_listing_the_key(stopped_run):
+    stopped_run.optim.learning_rate = 5e-4
+    with pytest.raises(
+        run_config.ConfigError,
+        match=r"optim\.learning_rate \(0\.001 -> 0\.0005\).*resume_with_changes=optim\.learning_rate",
+    ):
+        loop.train(stopped_run)
+    assert _latest_step(stopped_run) == 2  # nothing was trained
+
+
+def test_a_change_named_in_resume_with_changes_is_accepted(stopped_run):
+    stopped_run.optim.learning_rate = 5e-4
+    stopped_run.train.resume_with_changes = "optim.learning_rate"
+    assert loop.train(stopped_run).step == 4
+
+
+def test_changes_that_do_not_alter_the_computation_resume_without_asking(stopped_run):
+    stopped_run.train.log_every_steps = 2
+    stopped_run.logging.progress_bar = True
+    stopped_run.checkpoint.max_to_keep = 1
+    assert loop.train(stopped_run).step == 4
+
+
+def test_resuming_with_a_different_tokenizer_at_the_same_path_is_refused(stopped_run, tmp_path):
+    train_tiny_sentencepiece(tmp_path, vocab_size=400, pad_piece=True, filename="tokenizer.model")  # the run's copy
+    with pytest.raises(
+        run_config.ConfigError, match=r"config\.data\.tokenizer_path: .* is not the tokenizer the checkpoint of step 2"
+    ):
+        loop.train(stopped_run)

@@ -58,6 +58,7 @@ def train_defaults() -> ml_collections.ConfigDict:
     c.max_consecutive_nonfinite = 5  # Skipped (NaN/Inf) steps in a row before the run stops.
     c.preemption_sync_every_steps = 10  # Multi-host: hosts agree on a SIGTERM every N steps (one collective).
     c.prefetch_batches = 2  # Host batches prepared (and placed on the devices) ahead of the step.
+    c.resume_with_changes = ""  # Keys (comma-separated; "a." for a section, "*" for any) that may differ on resume.
     c.export_hf_dir = ""  # Write the final model here as a Hugging Face directory.
     c.stop_at_step = 0  # >0: save and stop at this step (split a run into bounded jobs); resume later.
     return c

@@ -42,8 +42,10 @@ from easyppo.data.export import save_tokenizer_files
 from easyppo.run import config as run_config
 from easyppo.run import export as export_lib
 from easyppo.run import metrics as metrics_lib
+from easyppo.run import resume
 from easyppo.run.lock import RunLock, RunLockedError
 from easyppo.run.pacing import NonFiniteTrainingError, PreemptionFlag, Prefetcher, StepTracker
+from easyppo.weights import run_directory
 from easyppo.weights.run_checkpoint import Checkpointer
 
 logger = logging.getLogger(__name__)
@@ -132,6 +134,20 @@ def _run_lock(config: ml_collections.ConfigDict) -> Iterator[None]:
             lock.release()
 
 
+def _check_resume(checkpointer: Checkpointer, config: ml_collections.ConfigDict, tokenizer) -> None:
+    """A resumed run's config and tokenizer against the newest checkpoint that records them (``run.resume``)."""
+    directory = str(checkpointer.directory)
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            saved_config = run_directory.read_run_config(directory, step)
+            metadata = run_directory.read_run_metadata(directory, step)
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged step: the restore falls back past it too
+        resume.check_config(saved_config, config, step=step, directory=directory)
+        resume.check_tokenizer(metadata.get("tokenizer_fingerprint"), tokenizer, step=step)
+        return
+
+
 def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preemption: PreemptionFlag) -> RunResult:
     algorithm = plan.algorithm
     export_dir = config.train.export_hf_dir or None
@@ -143,6 +159,15 @@ def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preempti
 
     tokenizer, chat_format = pipeline.load_tokenizer_and_format(config.data)
     _check_tokenizer_fits_model(tokenizer, plan.architecture)
+    checkpointer = Checkpointer(
+        config.checkpoint,
+        run_config=config,
+        model_kind=algorithm.model_kind,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+    )
+    _check_resume(checkpointer, config, tokenizer)  # before any data is tokenised or weights read
+    latest = checkpointer.latest_step()
+
     train_data = pipeline.prepare_data(config.data, tokenizer=tokenizer, chat_format=chat_format)
     eval_data = None
     if config.eval.path or config.eval.hf_dataset:
@@ -150,14 +175,6 @@ def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preempti
     train_iter = pipeline.make_iterator(train_data, config.data)
     total_steps = config.train.num_steps or config.data.num_epochs * train_iter.batches_per_epoch
     logger.info("data: %s; %d steps", train_data.stats, total_steps)
-
-    checkpointer = Checkpointer(
-        config.checkpoint,
-        run_config=config,
-        model_kind=algorithm.model_kind,
-        tokenizer_fingerprint=tokenizer.fingerprint,
-    )
-    latest = checkpointer.latest_step()
     if exported and latest is not None and latest >= total_steps:
         logger.info("this run is complete: step %d of %d, exported to %s", latest, total_steps, export_dir)
         checkpointer.close()
