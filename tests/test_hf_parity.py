@@ -201,6 +201,23 @@ def test_reward_scores_match_transformers_on_left_padded_batch(reward_model):
     assert _max_diff(_apply(module, params, ids, mask), reference) <= TOLERANCE
 
 
+def test_reward_scores_match_transformers_when_the_pad_id_is_eos_and_rows_end_in_eos(tmp_path):
+    """Llama 3 checkpoints often set pad_token_id = eos_token_id; transformers then reads each row's
+    score at its last non-EOS token, and so must easyppo (it read the final EOS before)."""
+    eos = BASE["eos_token_id"]
+    hf = _hf_model(
+        transformers.LlamaForSequenceClassification, {**CONFIGS["gqa"], "pad_token_id": eos}, seed=8, num_labels=1
+    )
+    _, module, params = huggingface.load_hf(_save(hf, tmp_path), "reward")
+    rows = [np.append(row, eos) for row in ROWS]  # every response ends with EOS, as chat data does
+    ids, mask = _padded(rows, 12, "right", pad_id=eos)
+    with torch.no_grad():
+        reference = hf(input_ids=_torch_long(ids), attention_mask=_torch_long(mask)).logits[:, 0].numpy()
+    assert _max_diff(_apply(module, params, ids, mask), reference) <= TOLERANCE
+    last_real = _apply(module, params, ids, np.where(ids == eos, 0, mask))  # scoring without the final EOS
+    assert _max_diff(last_real, reference) <= TOLERANCE
+
+
 def test_values_match_the_transformers_score_head_at_every_real_token(reward_model):
     hf, directory = reward_model
     _, module, params = huggingface.load_hf(directory, "value")

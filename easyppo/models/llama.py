@@ -14,96 +14,36 @@ pure renaming of tensors.
 Padding is explicit: every call takes an ``attention_mask`` and derives position ids from it, so a
 left-padded batch produces, for its real tokens, the same numbers as the unpadded sequences.
 Incremental decoding uses a fixed-size ``KVCache`` pytree written with ``dynamic_update_slice``.
-The architecture (``LlamaConfig``) and the presets live in ``llama_config`` and are re-exported here.
+The architecture (``LlamaConfig``, presets) lives in ``llama_config``, RoPE and the KV cache in
+``positions``; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Literal
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from easyppo.core.sharding import BATCH_AXES, constrain
 from easyppo.models.llama_config import PRESETS, REMAT_POLICIES, LlamaConfig, RopeScaling, get_preset
+from easyppo.models.positions import KVCache, apply_rope, init_cache, rope_inverse_frequencies
 
-__all__ = ["PRESETS", "REMAT_POLICIES", "LlamaConfig", "RopeScaling", "get_preset"]  # re-exported: the model's config
-
-# --------------------------------------------------------------------------------------------- RoPE
-
-
-def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
-    """Per-pair rotation frequencies, rescaled the way HF's ``rope_type`` says (a trace-time constant)."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq.astype(np.float32)
-    if scaling.rope_type == "linear":
-        return (inv_freq / scaling.factor).astype(np.float32)
-    # llama3: long wavelengths are slowed by `factor`, short ones kept, and the band between them is
-    # interpolated smoothly.
-    old_context = scaling.original_max_position_embeddings
-    low_freq_wavelen = old_context / scaling.low_freq_factor
-    high_freq_wavelen = old_context / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return np.where(is_medium, smoothed, scaled).astype(np.float32)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates ``x`` [B, T, heads, head_dim] by ``positions`` [B, T] in HF's ``rotate_half`` layout."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, head_dim / 2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
-
-
-# ------------------------------------------------------------------------------------------ KV cache
-
-
-@flax.struct.dataclass
-class KVCache:
-    """Keys and values of every layer for a fixed number of slots.
-
-    ``keys``/``values`` are [layers, batch, slots, kv_heads, head_dim]; ``mask`` [batch, slots] marks
-    slots holding a real token (left padding leaves holes); ``index`` is the next slot to write and is
-    shared by the batch, which is what lets one ``dynamic_update_slice`` write a whole step.
-    """
-
-    keys: jax.Array
-    values: jax.Array
-    mask: jax.Array
-    index: jax.Array
-
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[2]
-
-
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-    """An empty cache with room for ``max_length`` tokens (prompt plus generated)."""
-    shape = (config.num_hidden_layers, batch_size, max_length, config.num_key_value_heads, config.head_dim)
-    dtype = jnp.dtype(dtype or config.dtype)
-    return KVCache(
-        keys=jnp.zeros(shape, dtype),
-        values=jnp.zeros(shape, dtype),
-        mask=jnp.zeros((batch_size, max_length), jnp.bool_),
-        index=jnp.zeros((), jnp.int32),
-    )
-
+__all__ = [  # re-exported: the model's config, positions and cache
+    "PRESETS",
+    "REMAT_POLICIES",
+    "KVCache",
+    "LlamaConfig",
+    "RopeScaling",
+    "apply_rope",
+    "get_preset",
+    "init_cache",
+    "rope_inverse_frequencies",
+]  # re-exported: the model's config
 
 # ------------------------------------------------------------------------------------------ modules
 
@@ -352,8 +292,23 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return jnp.argmax(jnp.where(attention_mask.astype(jnp.bool_), positions, -1), axis=-1)
 
 
+def score_token_index(input_ids: jax.Array, attention_mask: jax.Array, pad_token_id: int | None) -> jax.Array:
+    """Where a reward model reads each row's score: its last real token that is not the pad id.
+
+    This is ``transformers``' rule for ``LlamaForSequenceClassification`` (the last position whose id is
+    not ``pad_token_id``), so scores agree with it even when the pad id is the EOS id and rows end in
+    EOS (Llama 3 checkpoints often set ``pad_token_id = eos_token_id``): both then read the token before
+    the final EOS. Where the pad id never occurs in a row's text, this is its last real token.
+    """
+    readable = attention_mask.astype(jnp.bool_)
+    if pad_token_id is not None:
+        readable &= input_ids != pad_token_id
+    return last_token_index(readable)
+
+
 class LlamaForScore(nn.Module):
-    """Scalar head on the trunk: ``head="reward"`` gives [B] at the last real token, ``"value"`` [B, T].
+    """Scalar head on the trunk: ``head="reward"`` gives [B] where ``transformers`` reads it (the last real
+    token that is not the pad id: ``score_token_index``), ``"value"`` [B, T].
 
     The head is a bias-free ``score`` projection (HF's ``LlamaForSequenceClassification`` with one
     label) initialised with std 1/sqrt(D), so the initial scores are O(1) whatever the width.
@@ -380,7 +335,8 @@ class LlamaForScore(nn.Module):
         )(hidden.astype(jnp.float32))[..., 0]
         if self.head == "value":
             return scores
-        return jnp.take_along_axis(scores, last_token_index(attention_mask)[:, None], axis=1)[:, 0]
+        index = score_token_index(input_ids, attention_mask, cfg.pad_token_id)
+        return jnp.take_along_axis(scores, index[:, None], axis=1)[:, 0]
 
 
 def make_model(config: LlamaConfig, kind: str = "causal_lm") -> nn.Module:

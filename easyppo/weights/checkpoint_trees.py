@@ -3,8 +3,10 @@ shapes, and the JSON that travels beside it. Errors name the leaf or key at faul
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import platform
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +16,8 @@ import ml_collections
 import numpy as np
 
 PyTree = Any
+
+VERSIONED_PACKAGES = ("easyppo", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
 @jax.jit
@@ -107,3 +111,13 @@ def check_json_object(value: Any, *, what: str) -> None:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise TypeError(f"{what} is not JSON-serialisable (strict JSON, no NaN/Inf): {error}") from error
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions

@@ -29,9 +29,7 @@ Why these choices:
 from __future__ import annotations
 
 import difflib
-import importlib.metadata
 import logging
-import platform
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -57,8 +55,6 @@ CONFIG_ITEM = "config"
 CONFIG_FILENAME = "config.json"
 METADATA_FILENAME = "metadata.json"
 DAMAGED_SUFFIX = ".damaged"  # a step directory that could not be restored, kept for inspection
-
-_VERSIONED_PACKAGES = ("easyppo", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
 class NonFiniteStateError(ValueError):
@@ -199,7 +195,7 @@ class Checkpointer:
             "step": int(step),
             "wall_time": time.time(),
             **self._identity,
-            "versions": _library_versions(),
+            "versions": trees.library_versions(),
             "topology": {
                 "process_count": jax.process_count(),
                 "device_count": jax.device_count(),
@@ -392,13 +388,3 @@ def _pytree_restore_args(abstract: PyTree, *, partial: bool) -> ocp.args.PyTreeR
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=partial,
     )
-
-
-def _library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for package in _VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
