@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.demo_data import DEMO_DATA, first_rows
-from helpers.tokenizers import make_tiny_hf_tokenizer_dir
+from helpers.tokenizers import make_tiny_hf_tokenizer_dir, train_tiny_sentencepiece
 
 from easyppo.cli import generate as generate_cli
 from easyppo.data.chat import make_chat_format
@@ -332,3 +332,12 @@ def test_sampling_options_are_checked_naming_the_flag(setup, tmp_path, capsys):
     for flag, message in cases:
         assert generate_cli.main(flags(setup, tmp_path / "out.jsonl", flag)) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_reward_model_trained_with_another_tokenizer_is_refused_before_sampling(setup, tmp_path, capsys):
+    foreign = tmp_path / "reward_other_tokenizer"
+    shutil.copytree(setup["reward"], foreign)
+    train_tiny_sentencepiece(foreign, vocab_size=400, pad_piece=True, filename="tokenizer.model")
+    assert generate_cli.main(flags(setup, tmp_path / "out.jsonl", f"--reward_model={foreign}")) == 2
+    assert "--reward_model: " in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()

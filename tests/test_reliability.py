@@ -20,13 +20,14 @@ from helpers.demo_data import DEMO_DATA
 from helpers.runs import small_demo_data, tiny_config
 from helpers.tokenizers import train_tiny_sentencepiece
 
+from easyppo.algorithms import get_algorithm
 from easyppo.models import llama
 from easyppo.run import config as run_config
 from easyppo.run import export as export_lib
 from easyppo.run import loop
 from easyppo.run.lock import RunLock, RunLockedError, lock_path
 from easyppo.run.pacing import PreemptionFlag
-from easyppo.weights import run_checkpoint, run_directory
+from easyppo.weights import huggingface, run_checkpoint, run_directory
 
 small_data = pytest.fixture(scope="module", name="small_data")(small_demo_data)
 
@@ -259,3 +260,26 @@ def test_resuming_with_a_different_tokenizer_at_the_same_path_is_refused(stopped
         run_config.ConfigError, match=r"config\.data\.tokenizer_path: .* is not the tokenizer the checkpoint of step 2"
     ):
         loop.train(stopped_run)
+
+
+def test_a_run_starting_from_a_model_trained_with_another_tokenizer_is_refused(tmp_path, small_data):
+    model_dir = tmp_path / "pretrained"
+    model_config = llama.get_preset("tiny", pad_token_id=3)
+    huggingface.save_hf(str(model_dir), model_config, llama.init_params(model_config, "causal_lm", jax.random.key(0)))
+    train_tiny_sentencepiece(model_dir, vocab_size=400, pad_piece=True, filename="tokenizer.model")
+    config = tiny_config("sft", tmp_path / "run", small_data)
+    config.model.init_from = str(model_dir)
+    with pytest.raises(run_config.ConfigError, match=r"config\.model\.init_from: .* another tokenizer"):
+        loop.train(config)
+    shutil.copy(DEMO_DATA / "tokenizer.model", model_dir / "tokenizer.model")  # now the run's own
+    assert loop.train(config).status == "completed"
+
+
+def test_the_model_sources_checked_are_the_policy_and_every_model_section_of_the_algorithm():
+    config = run_config.base_config("ppo")
+    config.model.init_from, config.ppo.reward_model.init_from = "/policy", "/rm"
+    assert loop._model_sources(config, get_algorithm("ppo")) == [
+        ("model", "/policy"),
+        ("ppo.reward_model", "/rm"),
+        ("ppo.value_model", ""),
+    ]

@@ -58,6 +58,8 @@ class Tokenizer:
       source: where the tokenizer was loaded from, for error messages.
       fingerprint: a hash of the model bytes and the special ids (not of the path); equal
         fingerprints mean equal ids for every text, so it can key caches of tokenised data.
+      vocabulary: (backend kind, hash of the model bytes alone): what ``vocabulary_at`` reports for a
+        model directory, to tell whether a model was trained with this tokenizer's ids.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Tokenizer:
         digest.update(backend.model_bytes)
         digest.update(json.dumps({"bos": bos_id, "eos": eos_id, "pad": pad_id}).encode())
         self.fingerprint = digest.hexdigest()
+        self.vocabulary = (backend.kind, hashlib.sha256(backend.model_bytes).hexdigest())
 
     @property
     def vocab_size(self) -> int:
@@ -217,6 +220,16 @@ _PAD_ADVICE = (
     ". Use a token text never encodes to (e.g. a reserved special token; <unk> in a byte-fallback model "
     "such as Llama 2's), or a real token together with allow_pad_as_real_token=True"
 )
+
+
+def vocabulary_at(path: str) -> tuple[str, str] | None:
+    """``Tokenizer.vocabulary`` of the tokenizer file at ``path`` (or in the directory ``path``), read
+    without building a tokenizer; None where there is none (a model directory saved without one)."""
+    try:
+        kind, model_file, _ = _locate(epath.Path(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    return kind, hashlib.sha256(model_file.read_bytes()).hexdigest()
 
 
 def _locate(root: epath.Path) -> tuple[str, epath.Path, epath.Path | None]:

@@ -134,6 +134,16 @@ def _run_lock(config: ml_collections.ConfigDict) -> Iterator[None]:
             lock.release()
 
 
+def _model_sources(config: ml_collections.ConfigDict, algorithm) -> list[tuple[str, str]]:
+    """``(config key, init_from)`` of every model section: the policy's and the algorithm's own."""
+    sources = [("model", config.model.init_from)]
+    for name in algorithm.sections:
+        section = config[algorithm.name][name]
+        if "init_from" in section:
+            sources.append((f"{algorithm.name}.{name}", section.init_from))
+    return sources
+
+
 def _check_resume(checkpointer: Checkpointer, config: ml_collections.ConfigDict, tokenizer) -> None:
     """A resumed run's config and tokenizer against the newest checkpoint that records them (``run.resume``)."""
     directory = str(checkpointer.directory)
@@ -166,6 +176,7 @@ def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preempti
         tokenizer_fingerprint=tokenizer.fingerprint,
     )
     _check_resume(checkpointer, config, tokenizer)  # before any data is tokenised or weights read
+    resume.check_tokenizer_matches_models(tokenizer, _model_sources(config, algorithm))
     latest = checkpointer.latest_step()
 
     train_data = pipeline.prepare_data(config.data, tokenizer=tokenizer, chat_format=chat_format)

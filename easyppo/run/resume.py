@@ -5,7 +5,9 @@ one checkpointed. ``check_config`` compares the run's config with the one saved 
 checkpoint and refuses, listing every key that differs with both values, unless each is a key that
 may change safely (logging, evaluation and checkpoint cadence, the mesh, ...) or one the user names in
 ``train.resume_with_changes``. ``check_tokenizer`` refuses a tokenizer whose fingerprint differs from
-the one the checkpoints were trained with.
+the one the checkpoints were trained with, and ``check_tokenizer_matches_models`` one whose
+vocabulary differs from the tokenizer saved with a model the run starts from (the policy, a PPO
+reward or value model): its ids would mean other tokens to that model.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 
 import ml_collections
 
+from easyppo.data.tokenizer import vocabulary_at
 from easyppo.run.config import ConfigError
-from easyppo.weights import checkpoint_trees
+from easyppo.weights import checkpoint_trees, run_directory
 
 # Keys (a trailing "." means every key below it) that change how a run is observed, paced, placed
 # or where it writes, never what it computes.
@@ -87,3 +90,26 @@ def check_tokenizer(saved_fingerprint: str | None, tokenizer: Any, *, step: int)
             f"{tokenizer.source} is not the tokenizer the checkpoint of step {step} was trained with "
             f"(fingerprint {tokenizer.fingerprint[:12]} != {saved_fingerprint[:12]}); resume with the run's own tokenizer",
         )
+
+
+def check_tokenizer_matches_models(tokenizer: Any, sources: list[tuple[str, str]]) -> None:
+    """Refuses when a ``(config key, init_from)`` source holds a tokenizer of the same kind whose
+    vocabulary differs from the run's. Sources without a tokenizer of their own cannot be checked."""
+    for key, init_from in sources:
+        if not init_from:
+            continue
+        stored = _stored_vocabulary(init_from)
+        if stored is not None and stored[0] == tokenizer.vocabulary[0] and stored != tokenizer.vocabulary:
+            raise ConfigError(
+                f"{key}.init_from",
+                f"{init_from} was trained with another tokenizer than data.tokenizer_path={tokenizer.source} "
+                "(their vocabulary files differ); use the model's own tokenizer",
+            )
+
+
+def _stored_vocabulary(init_from: str) -> tuple[str, str] | None:
+    """The vocabulary saved with a model: tokenizer files beside it, or a run directory's tokenizer."""
+    if run_directory.is_run_directory(init_from):
+        tokenizer_path = run_directory.read_run_config(init_from).get("data", {}).get("tokenizer_path")
+        return vocabulary_at(tokenizer_path) if tokenizer_path else None
+    return vocabulary_at(init_from)
