@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from easyppo.cli import main as cli_main
 from easyppo.cli import train as train_cli
 from easyppo.run import config as run_config
+from easyppo.run.lock import RunLock
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -110,3 +112,42 @@ def test_the_wheel_ships_the_command_the_presets_and_the_demo_data(tmp_path):
     assert {f"easyppo/configs/demo_data/{name}" for name in demo_files} <= names
     assert {f"easyppo/configs/{name}.py" for name in ("sft", "rm", "dpo", "ppo")} <= names
     assert "easyppo = easyppo.cli.main:main" in entry_points
+
+
+# ------------------------------------------------------------------------------- one-line errors
+
+
+def _train_argv(tmp_path, *extra):
+    return ["--config=sft:demo", f"--config.output_dir={tmp_path / 'run'}", "--config.train.export_hf_dir=", *extra]
+
+
+@pytest.mark.parametrize(
+    "contents, expected",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"bad\.jsonl, row 1, field 'messages"),
+        ("", r"bad\.jsonl: no valid rows among 0"),
+    ],
+    ids=["bad_row", "empty_file"],
+)
+def test_train_reports_a_data_error_in_one_line_naming_the_file(tmp_path, capsys, contents, expected):
+    (tmp_path / "bad.jsonl").write_text(contents)
+    argv = _train_argv(tmp_path, f"--config.data.path={tmp_path / 'bad.jsonl'}")
+    assert train_cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and re.search(expected, err[0]), err
+
+
+def test_train_reports_a_missing_model_in_one_line_and_verbose_shows_the_traceback(tmp_path, capsys):
+    argv = _train_argv(tmp_path, f"--config.model.init_from={tmp_path / 'nowhere'}")
+    assert train_cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "nowhere" in err[0] and "does not exist" in err[0]
+    with pytest.raises(FileNotFoundError):
+        train_cli.main([*argv, "--verbose"])
+
+
+def test_train_reports_a_directory_in_use_in_one_line(tmp_path, capsys):
+    with RunLock(str(tmp_path / "run" / "checkpoints")):
+        assert train_cli.main(_train_argv(tmp_path)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and f"process {os.getpid()}" in err[0]

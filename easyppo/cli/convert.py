@@ -107,6 +107,9 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--checkpoint", help="easyppo model checkpoint to check (default: hf_dir converted in memory)")
     check.add_argument("--kind", choices=KINDS, help="default: from the checkpoint or config.json")
     for command in (check, to_easyppo, to_hf):
+        command.add_argument(
+            "--verbose", action="store_true", help="show the traceback of an error instead of its one-line summary"
+        )
         group = command if command is check else command.add_argument_group("verification (with --verify)")
         dtype_flag = "--dtype" if command is check else "--verify_dtype"
         group.add_argument(
@@ -169,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = verify(args.hf_dir, checkpoint_dir=args.checkpoint, kind=args.kind, **verify_options)
             return _print_verify(result, args.tolerance)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.verbose:
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0

@@ -10,12 +10,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from easyppo.cli import errors
 from easyppo.data.chat import FORMAT_NAMES
-from easyppo.data.errors import BadRowsError, RowError
 from easyppo.data.examples import TRUNCATION_MODES
 from easyppo.run import distributed
 from easyppo.run.generate import generate_file
-from easyppo.run.generate_options import DTYPES, GenerateOptions, OptionError
+from easyppo.run.generate_options import DTYPES, GenerateOptions
 
 
 def _token(text: str) -> int | str:
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no_progress", dest="progress", action="store_false", help="no progress bar (none off a terminal)")
     add("--cache_dir", default=defaults.cache_dir, help="cache of tokenised prompts")
     add("--num_proc", type=int, default=defaults.num_proc, help="processes for tokenising the prompts")
+    add("--verbose", action="store_true", help="show the traceback of an error instead of its one-line summary")
     return parser
 
 
@@ -59,12 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: returns 0 on success, 2 (after printing ``error: ...``) on bad options or prompt rows."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    verbose = args.__dict__.pop("verbose")
+    with errors.reporting(verbose) as outcome:
         distributed.initialize()  # EASYPPO_DISTRIBUTED (auto | always | never); before any other JAX call
         summary = generate_file(GenerateOptions(**vars(args)))
-    except (OptionError, BadRowsError, RowError, distributed.DistributedConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if outcome.status:
+        return outcome.status
     line = (
         f"wrote {summary.rows} completions of {summary.prompts} prompts to {summary.output}: "
         f"{summary.finished_fraction:.1%} finished, {summary.mean_response_tokens:.1f} tokens on average"

@@ -23,18 +23,19 @@ from absl import flags
 from ml_collections import config_flags
 
 from easyppo import configs as presets_package
+from easyppo.cli import errors
 from easyppo.run import config as run_config
 from easyppo.run import distributed
-from easyppo.run.lock import RunLockedError
 from easyppo.run.loop import train
 
-USAGE = """usage: easyppo train --config=ALGORITHM:PRESET | --config=FILE.py[:PRESET] [--config.KEY=VALUE ...]
+USAGE = """usage: easyppo train --config=ALGORITHM:PRESET | --config=FILE.py[:PRESET] [--config.KEY=VALUE ...] [--verbose]
 
 Runs (or resumes, from the latest checkpoint in its output directory) one training run.
 
   --config=ALGORITHM:PRESET   an installed preset, e.g. --config=ppo:demo
   --config=FILE.py[:PRESET]   a config file with get_config(preset), e.g. --config=configs/dpo.py:demo
   --config.KEY=VALUE          override one key, e.g. --config.optim.learning_rate=1e-6
+  --verbose                   show the traceback of an error instead of its one-line summary
 
 installed presets:
 {presets}
@@ -116,28 +117,33 @@ def usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``easyppo train``; ``argv`` excludes the program name. Returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = errors.pop_verbose(list(sys.argv[1:] if argv is None else argv))
     if not argv or any(arg in ("-h", "--help") for arg in argv):
         print(usage())
         return 0
     # force: importing orbax installs a root handler, which would make basicConfig a no-op.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    try:
+    with errors.reporting(verbose) as outcome:
         config = config_from_argv(["easyppo train", *argv])  # reads the config; touches no device
         distributed.initialize()  # EASYPPO_DISTRIBUTED (auto | always | never); before any other JAX call
-    except (run_config.ConfigError, distributed.DistributedConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         result = train(config)
-    except (run_config.ConfigError, RunLockedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{config.algorithm}: {result.status} at step {result.step}/{result.total_steps}")
+        print(summary(config.algorithm, result))
+    return outcome.status
+
+
+def summary(algorithm: str, result) -> str:
+    """What a finished (or stopped) run prints: status, last metrics, data counts, where things went."""
+    lines = [f"{algorithm}: {result.status} at step {result.step}/{result.total_steps}"]
     for name, metrics in (("train", result.train_metrics), ("eval", result.eval_metrics)):
         if metrics:
-            print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-    print(f"  checkpoints: {result.checkpoint_dir}")
+            lines.append(f"  {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    if result.data_stats:
+        stats = result.data_stats
+        lines.append(
+            f"  data: {stats['rows_used']} of {stats['rows_read']} rows used; {stats['rows_bad']} bad (skipped), "
+            f"{stats['rows_truncated']} truncated, {stats['rows_dropped']} dropped as too long"
+        )
+    lines.append(f"  checkpoints: {result.checkpoint_dir}")
     if result.export_dir:
-        print(f"  Hugging Face export: {result.export_dir}")
-    return 0
+        lines.append(f"  Hugging Face export: {result.export_dir}")
+    return "\n".join(lines)

@@ -99,6 +99,8 @@ class DataConfigError(ValueError):
 
 
 def _with_examples(headline: str, errors: Sequence[RowError]) -> str:
+    if not errors:
+        return headline
     shown = [f"  {error}" for error in errors[:MAX_ERRORS_SHOWN]]
     if len(errors) > MAX_ERRORS_SHOWN:
         shown.append(f"  ... and {len(errors) - MAX_ERRORS_SHOWN} more")

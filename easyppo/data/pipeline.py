@@ -196,7 +196,8 @@ def prepare_data(config: config_dict.ConfigDict, *, tokenizer=None, chat_format=
     validated = validate_records(read_records(source_spec(config)), settings.kind)
     enforce_bad_row_policy(validated.errors, validated.num_read, **policy)  # Fail before tokenising.
     if not validated.records:
-        headline = f"no valid rows among {validated.num_read}"
+        where = config.path or f"{config.hf_dataset} ({config.split})"
+        headline = f"{where}: no valid rows among {validated.num_read}"
         raise BadRowsError(validated.errors, validated.num_read, headline=headline)
 
     if chat_format is not None:

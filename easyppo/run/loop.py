@@ -64,6 +64,7 @@ class RunResult:
     checkpoint_dir: str
     export_dir: str | None
     nonfinite_steps: int
+    data_stats: dict = dataclasses.field(default_factory=dict)  # rows read, used, bad, truncated, dropped
 
 
 def evaluate(trainer, state, data: pipeline.PreparedData, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
@@ -233,6 +234,14 @@ def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preempti
         metrics_lib.MetricLogger(config.logging, total_steps=total_steps, start_step=step, run_config=config) as log,
         batches,
     ):
+        stats = train_data.stats
+        log.log(
+            step,
+            {
+                f"data/{key}": getattr(stats, key)
+                for key in ("rows_read", "rows_used", "rows_bad", "rows_truncated", "rows_dropped")
+            },
+        )
         if eval_data is not None and config.eval.at_start and step == 0:
             initial_eval = evaluate(trainer, state, eval_data, config, mesh)
             log.log(step, {f"eval/{k}": v for k, v in initial_eval.items()})
@@ -292,6 +301,7 @@ def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preempti
         checkpoint_dir=str(config.checkpoint.directory),
         export_dir=export_dir if status == "completed" else None,
         nonfinite_steps=tracker.nonfinite_steps,
+        data_stats=train_data.stats.as_dict(),
     )
 
 
