@@ -114,8 +114,8 @@ def saved(tmp_path, state):
 
 def test_default_config_has_the_documented_keys():
     config = run_checkpoint.default_config()
-    assert set(config.keys()) == {"directory", "save_every_steps", "max_to_keep", "async_save"}
-    assert config.async_save is True
+    assert set(config.keys()) == {"directory", "save_every_steps", "max_to_keep", "async_save", "digests"}
+    assert config.async_save is True and config.digests is True
 
 
 @pytest.mark.parametrize("async_save", [True, False])

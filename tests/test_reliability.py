@@ -27,7 +27,7 @@ from easyppo.run import export as export_lib
 from easyppo.run import loop
 from easyppo.run.lock import RunLock, RunLockedError, lock_path
 from easyppo.run.pacing import PreemptionFlag
-from easyppo.weights import huggingface, run_checkpoint, run_directory
+from easyppo.weights import huggingface, run_checkpoint, run_directory, step_digests
 
 small_data = pytest.fixture(scope="module", name="small_data")(small_demo_data)
 
@@ -124,7 +124,8 @@ def test_a_finished_run_started_again_reports_complete_and_leaves_its_export_alo
     assert (first.status, again.status) == ("completed", "completed")
     assert again.step == 3 and again.export_dir == str(tmp_path / "hf")
     assert weights.stat().st_mtime_ns == written
-    assert json.loads((tmp_path / "hf" / export_lib.MARKER_FILE).read_text())["step"] == 3
+    marker = json.loads((tmp_path / "hf" / export_lib.MARKER_FILE).read_text())
+    assert marker["step"] == 3 and len(marker["tokenizer_fingerprint"]) == 64
 
 
 def test_an_interrupted_export_leaves_nothing_under_the_final_name_and_a_rerun_finishes_it(
@@ -247,11 +248,13 @@ def test_a_change_named_in_resume_with_changes_is_accepted(stopped_run):
     assert loop.train(stopped_run).step == 4
 
 
-def test_changes_that_do_not_alter_the_computation_resume_without_asking(stopped_run):
+def test_changes_that_do_not_alter_the_computation_resume_without_asking(stopped_run, caplog):
     stopped_run.train.log_every_steps = 2
     stopped_run.logging.progress_bar = True
     stopped_run.checkpoint.max_to_keep = 1
-    assert loop.train(stopped_run).step == 4
+    with caplog.at_level(logging.WARNING):
+        assert loop.train(stopped_run).step == 4
+    assert not [r for r in caplog.records if "falling back" in r.getMessage()]  # step 2 was intact
 
 
 def test_resuming_with_a_different_tokenizer_at_the_same_path_is_refused(stopped_run, tmp_path):
@@ -283,3 +286,70 @@ def test_the_model_sources_checked_are_the_policy_and_every_model_section_of_the
         ("ppo.reward_model", "/rm"),
         ("ppo.value_model", ""),
     ]
+
+
+def _flip_a_byte_in_the_largest_array_file(step_dir):
+    data = max(
+        (p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size
+    )
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # same size; it may still decode, into wrong numbers
+    data.write_bytes(bytes(content))
+
+
+def test_a_flipped_byte_in_the_latest_checkpoint_is_caught_by_its_digests(tmp_path, small_data, caplog):
+    config = tiny_config("sft", tmp_path, small_data, num_steps=6)
+    config.checkpoint.save_every_steps, config.checkpoint.max_to_keep = 2, 0
+    loop.train(config)
+    for step in (2, 4, 6):  # recorded for every step, and a finished run's steps all check out
+        assert (tmp_path / "checkpoints" / str(step) / step_digests.DIGESTS_FILE).exists()
+        assert step_digests.check(tmp_path / "checkpoints" / str(step)) is None
+    expected = jax.device_get(final_params(tmp_path, config))
+    _flip_a_byte_in_the_largest_array_file(tmp_path / "checkpoints" / "6")
+    with caplog.at_level(logging.WARNING, logger="easyppo.weights.run_checkpoint"):
+        assert loop.train(config).step == 6
+    assert any("differs from its recorded digest" in r.getMessage() for r in caplog.records)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(final_params(tmp_path, config)), expected)
+
+
+def test_digests_name_a_changed_missing_or_extra_file(tmp_path):
+    step = tmp_path / "7"
+    (step / "state").mkdir(parents=True)
+    (step / "state" / "a").write_bytes(b"weights")
+    (step / "metadata.json").write_text("{}")
+    step_digests.record(step)
+    assert step_digests.check(step) is None
+    (step / "state" / "a").write_bytes(b"weighTs")
+    assert step_digests.check(step) == "state/a differs from its recorded digest"
+    (step / "state" / "a").unlink()
+    assert step_digests.check(step) == "state/a is missing"
+    (step / "state" / "a").write_bytes(b"weights")
+    (step / "extra").write_text("")
+    assert step_digests.check(step) == "extra was not part of the saved step"
+
+
+RACE = """
+import sys, time
+from easyppo.run.lock import RunLock, RunLockedError
+lock = RunLock(sys.argv[1])
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both start acquiring at the same moment
+try:
+    lock.acquire()
+except RunLockedError:
+    print("refused")
+else:
+    print("acquired")
+    time.sleep(2.0)
+    lock.release()
+"""
+
+
+def test_two_runs_racing_for_one_directory_one_wins_and_the_other_is_refused(tmp_path):
+    directory, start = str(tmp_path / "checkpoints"), str(time.time() + 3.0)
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)}
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACE, directory, start], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outcomes = sorted(racer.communicate(timeout=60)[0].strip() for racer in racers)
+    assert outcomes == ["acquired", "refused"]

@@ -2,7 +2,7 @@
 
 The trainer writes into ``<export_hf_dir>.partial`` (and its siblings, such as PPO's
 ``<export_hf_dir>.partial_value``); each directory gets the tokenizer files and an
-``easyppo_export.json`` naming the run, and only then is renamed to its final name, the main
+``easyppo_export.json`` naming the run, its step and its tokenizer's fingerprint, and only then is renamed to its final name, the main
 directory last. So a kill during export leaves no half-written export under the final name, and a
 rerun starts the export afresh. A complete export of the same run is recognised, so running a
 finished run again reports that it is complete instead of failing; an export directory that holds
@@ -54,6 +54,7 @@ def export_run(
     finish: Callable[[str], None],
     checkpoint_directory: str,
     step: int,
+    tokenizer_fingerprint: str,
 ) -> list[str]:
     """Runs ``export(staging_dir) -> directories`` and publishes each directory atomically.
 
@@ -71,7 +72,11 @@ def export_run(
         return finals
     for directory in directories:
         finish(directory)
-        marker = {"checkpoint_directory": str(checkpoint_directory), "step": step}
+        marker = {
+            "checkpoint_directory": str(checkpoint_directory),
+            "step": step,
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+        }
         (epath.Path(directory) / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     for directory, final in reversed(list(zip(directories, finals))):  # the main directory last
         target = epath.Path(final)

@@ -289,6 +289,7 @@ def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preempti
             finish=lambda directory: save_tokenizer_files(config.data.tokenizer_path, tokenizer, directory),
             checkpoint_directory=str(config.checkpoint.directory),
             step=step,
+            tokenizer_fingerprint=tokenizer.fingerprint,
         )
     checkpointer.close()
     return RunResult(

@@ -8,27 +8,25 @@ One `Checkpointer` per run wraps an Orbax `CheckpointManager`. Every saved step 
         metadata/metadata.json      step, wall time, library versions, device topology
         config/config.json          the resolved run config, readable without easyppo
 
-(`restore` returns the two JSON files merged: metadata.json's fields plus `config`.)
+        easyppo_digests.json        SHA-256 of every file (easyppo.weights.step_digests)
 
 Why these choices:
-- Saves are asynchronous by default: `save` returns once the arrays are copied off the devices, so
-  the next train step may reuse (donate) their buffers while the files are written in the background.
-  Call `wait_until_finished()` (or `close()`) before the process exits.
-- Saves are atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when
-  every item is complete. A crash mid-save leaves the previous checkpoint intact; the partial
-  directory is never reported as a step, and the next (writable) Checkpointer on the directory
-  deletes it before its first save.
-- A state with a NaN or Inf in any floating leaf is refused before anything is written, so the latest
-  checkpoint is always one worth resuming from.
-- Restores take an abstract target (`jax.ShapeDtypeStruct` leaves carrying the *new* run's
-  shardings), so a checkpoint saved on one mesh restores onto any other mesh or a single device.
-- Structure mismatches are checked against the checkpoint's own tree metadata before any array is
-  read, and reported by key path (Orbax alone fails deep inside TensorStore for a missing key).
+- Saves are asynchronous: `save` returns once the arrays are off the devices; `wait_until_finished()`
+  (or `close()`) before the process exits.
+- Saves are atomic: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when every item is
+  complete; a partial directory is never a step and is deleted before the next save.
+- A state with a NaN or Inf in any floating leaf is refused before anything is written.
+- Restores take an abstract target carrying the *new* run's shardings, so a checkpoint saved on one
+  mesh restores onto any other; structure mismatches are reported by key path before any array is
+  read; a step that cannot be restored, or whose bytes differ from its digests, is moved aside and the
+  previous one used (`restore_latest_intact`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import itertools
 import logging
 import time
 from collections.abc import Mapping
@@ -43,6 +41,7 @@ from ml_collections import config_dict
 from easyppo.core import multihost
 from easyppo.core.options import require
 from easyppo.weights import checkpoint_trees as trees
+from easyppo.weights import step_digests
 
 PyTree = Any
 
@@ -80,12 +79,16 @@ def default_config() -> ml_collections.ConfigDict:
     save_every_steps: save when `step % save_every_steps == 0` (and on a preemption signal).
     max_to_keep: how many of the most recent checkpoints to keep; 0 keeps every checkpoint.
     async_save: write files in a background thread while training continues.
+    digests: after each step is finalised, record a SHA-256 of its files (process 0 reads the step
+      once, at the next save), and check them before resuming, so corruption that still reads (a
+      flipped byte) is caught; turn off for very large checkpoints on slow storage.
     """
     config = ml_collections.ConfigDict()
     config.directory = config_dict.placeholder(str)
     config.save_every_steps = 1000
     config.max_to_keep = 3
     config.async_save = True
+    config.digests = True
     return config
 
 
@@ -125,6 +128,7 @@ class Checkpointer:
         check_config(config)
         self._run_config = trees.json_compatible_config(run_config)
         self._read_only = read_only
+        self._digests = bool(config.get("digests", True))
         self._identity = {"model_kind": model_kind, "tokenizer_fingerprint": tokenizer_fingerprint}
         self._manager = ocp.CheckpointManager(
             epath.Path(config.directory),
@@ -202,6 +206,7 @@ class Checkpointer:
                 "platform": jax.devices()[0].platform,
             },
         }
+        self._record_digests()  # of the steps finalised since the last save
         # The save decision was made above (evaluating it again would hit the preemption sync point
         # twice), so Orbax is told to save unconditionally. It still refuses to overwrite a step.
         return self._manager.save(
@@ -220,6 +225,13 @@ class Checkpointer:
     def wait_until_finished(self) -> None:
         """Blocks until every started save is finalised on disk (and old steps are deleted)."""
         self._manager.wait_until_finished()
+        self._record_digests()
+
+    def _record_digests(self) -> None:
+        if self._digests and not self._read_only and jax.process_index() == 0:
+            for step in self.all_steps():
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile (max_to_keep)
+                    step_digests.record(self.directory / str(step))
 
     def restore(self, abstract_state: PyTree, step: int | None = None) -> RestoredCheckpoint:
         """Restores the whole checkpoint of `step` (default: the latest) onto `abstract_state`'s shardings.
@@ -266,8 +278,10 @@ class Checkpointer:
         damaged = []
         for step in reversed(self.all_steps()):
             problem = None
-            try:
+            try:  # every process restores (a collective), then process 0 checks the bytes it read
                 restored = self.restore(abstract_state, step)
+                if jax.process_index() == 0:
+                    problem = step_digests.check(self.directory / str(step))
             except TreeMismatchError:
                 raise
             except Exception as error:
@@ -286,12 +300,8 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0 and not self._read_only:
-            source = self.directory / str(step)
-            target = self.directory / f"{step}{DAMAGED_SUFFIX}"
-            suffix = 1
-            while target.exists():
-                target, suffix = self.directory / f"{step}{DAMAGED_SUFFIX}{suffix}", suffix + 1
-            source.rename(target)
+            names = (self.directory / f"{step}{DAMAGED_SUFFIX}{n or ''}" for n in itertools.count())
+            (self.directory / str(step)).rename(next(name for name in names if not name.exists()))
         multihost.barrier("easyppo-move-aside")
         self._manager.reload()
 
