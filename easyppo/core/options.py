@@ -64,10 +64,6 @@ def require_finite(value: float, key: str) -> None:
     require(math.isfinite(value) and abs(value) <= FLOAT32_MAX, key, f"must be a finite float32 value, got {value}")
 
 
-def help_of(options_type: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(options_type) if f.name == name)
-
-
 def _field_types(options_type: type) -> dict[str, Any]:
     return typing.get_type_hints(options_type)
 

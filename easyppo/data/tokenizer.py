@@ -232,6 +232,13 @@ def vocabulary_at(path: str) -> tuple[str, str] | None:
     return kind, hashlib.sha256(model_file.read_bytes()).hexdigest()
 
 
+def trained_with_other_vocabulary(tokenizer: Tokenizer, path: str) -> bool:
+    """Whether the tokenizer saved at ``path`` is of ``tokenizer``'s kind but another vocabulary (False
+    where there is none to compare, or the kinds differ and the files cannot be compared)."""
+    stored = vocabulary_at(path)
+    return stored is not None and stored[0] == tokenizer.vocabulary[0] and stored != tokenizer.vocabulary
+
+
 def _locate(root: epath.Path) -> tuple[str, epath.Path, epath.Path | None]:
     """(backend kind, model file, directory holding the HF config files or None)."""
     if root.is_dir():

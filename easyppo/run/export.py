@@ -17,12 +17,17 @@ from collections.abc import Callable
 import jax
 from etils import epath
 
+from easyppo.run.config import ConfigError
+
 MARKER_FILE = "easyppo_export.json"
 STAGING_SUFFIX = ".partial"
 
 
-class ExportDirectoryError(ValueError):
+class ExportDirectoryError(ConfigError):
     """``train.export_hf_dir`` holds something other than this run's export."""
+
+    def __init__(self, detail: str):
+        super().__init__("train.export_hf_dir", detail)
 
 
 def is_complete(export_dir: str, checkpoint_directory: str) -> bool:
@@ -37,8 +42,7 @@ def is_complete(export_dir: str, checkpoint_directory: str) -> bool:
     if _holds_export_of(path, checkpoint_directory):
         return True
     raise ExportDirectoryError(
-        f"config.train.export_hf_dir: {export_dir} already holds files that are not this run's export; "
-        "export into an empty or new directory"
+        f"{export_dir} already holds files that are not this run's export; export into an empty or new directory"
     )
 
 

@@ -19,7 +19,7 @@ from easyppo.core import sharding
 from easyppo.data import pipeline
 from easyppo.data.chat import ChatFormat
 from easyppo.data.errors import BadRowsError, DataConfigError
-from easyppo.data.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_JSON, Tokenizer, vocabulary_at
+from easyppo.data.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_JSON, Tokenizer, trained_with_other_vocabulary
 from easyppo.models import generation, llama, partitioning
 from easyppo.run.generate_options import (
     DEFAULT_CHAT_FORMAT,
@@ -233,8 +233,7 @@ def plan_run(options: GenerateOptions) -> Plan:
         tokenizer, chat_format = pipeline.load_tokenizer_and_format(data_cfg)
     except DataConfigError as e:
         raise _as_option_error(e) from e
-    stored = vocabulary_at(options.reward_model) if options.reward_model else None
-    if stored is not None and stored[0] == tokenizer.vocabulary[0] and stored != tokenizer.vocabulary:
+    if options.reward_model and trained_with_other_vocabulary(tokenizer, options.reward_model):
         raise OptionError(
             "reward_model",
             f"{options.reward_model} was trained with another tokenizer than the policy's ({source.path}); "

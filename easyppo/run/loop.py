@@ -162,10 +162,8 @@ def _check_resume(checkpointer: Checkpointer, config: ml_collections.ConfigDict,
 def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preemption: PreemptionFlag) -> RunResult:
     algorithm = plan.algorithm
     export_dir = config.train.export_hf_dir or None
-    try:  # before anything is read: a directory holding something else fails now, not after training
-        exported = export_dir is not None and export_lib.is_complete(export_dir, config.checkpoint.directory)
-    except export_lib.ExportDirectoryError as e:
-        raise run_config.ConfigError("train.export_hf_dir", str(e).split(": ", 1)[1]) from None
+    # Before anything is read: a directory holding something else fails now, not after training.
+    exported = export_dir is not None and export_lib.is_complete(export_dir, config.checkpoint.directory)
     mesh = sharding.make_mesh(config.mesh)
 
     tokenizer, chat_format = pipeline.load_tokenizer_and_format(config.data)

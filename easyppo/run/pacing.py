@@ -55,6 +55,7 @@ class StepTracker:
         return tokens
 
     def _settle(self, step: int, skipped: jax.Array, num_tokens: jax.Array) -> None:
+        skipped, num_tokens = jax.device_get((skipped, num_tokens))  # one transfer for both
         self.tokens += float(num_tokens)
         if not bool(skipped):
             self.streak = 0
@@ -77,8 +78,6 @@ class Prefetcher(Iterator[tuple[Any, dict]]):
     a step consumed, not of the batches read ahead: a resumed run sees exactly the same rows.
     ``depth=0`` prepares each batch when it is asked for.
     """
-
-    _DONE = object()
 
     def __init__(self, iterator: Any, to_device: Callable[[Any], Any], depth: int):
         self._iterator, self._to_device, self._depth = iterator, to_device, depth

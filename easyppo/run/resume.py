@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from easyppo.data.tokenizer import vocabulary_at
+from easyppo.data.tokenizer import trained_with_other_vocabulary
 from easyppo.run.config import ConfigError
 from easyppo.weights import checkpoint_trees, run_directory
 
@@ -96,10 +96,8 @@ def check_tokenizer_matches_models(tokenizer: Any, sources: list[tuple[str, str]
     """Refuses when a ``(config key, init_from)`` source holds a tokenizer of the same kind whose
     vocabulary differs from the run's. Sources without a tokenizer of their own cannot be checked."""
     for key, init_from in sources:
-        if not init_from:
-            continue
-        stored = _stored_vocabulary(init_from)
-        if stored is not None and stored[0] == tokenizer.vocabulary[0] and stored != tokenizer.vocabulary:
+        saved = _tokenizer_of(init_from) if init_from else ""
+        if saved and trained_with_other_vocabulary(tokenizer, saved):
             raise ConfigError(
                 f"{key}.init_from",
                 f"{init_from} was trained with another tokenizer than data.tokenizer_path={tokenizer.source} "
@@ -107,9 +105,8 @@ def check_tokenizer_matches_models(tokenizer: Any, sources: list[tuple[str, str]
             )
 
 
-def _stored_vocabulary(init_from: str) -> tuple[str, str] | None:
-    """The vocabulary saved with a model: tokenizer files beside it, or a run directory's tokenizer."""
+def _tokenizer_of(init_from: str) -> str:
+    """Where a model's tokenizer is saved: beside it, or the one a run directory trained with."""
     if run_directory.is_run_directory(init_from):
-        tokenizer_path = run_directory.read_run_config(init_from).get("data", {}).get("tokenizer_path")
-        return vocabulary_at(tokenizer_path) if tokenizer_path else None
-    return vocabulary_at(init_from)
+        return run_directory.read_run_config(init_from).get("data", {}).get("tokenizer_path") or ""
+    return init_from
