@@ -65,6 +65,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -72,6 +73,7 @@ from benchmarks import common
 from benchmarks.train_step import default_intermediate_size
 from easyppo.algorithms import ppo
 from easyppo.algorithms.rl.options import RLOptions
+from easyppo.algorithms.rl.rollout import Rollout
 from easyppo.algorithms.rl.update import RLState
 from easyppo.core import sharding
 from easyppo.models import generation, llama
@@ -305,6 +307,11 @@ def phase_tokens(*, rows: int, prompt_len: int, new_tokens: int, ppo_epochs: int
 # ------------------------------------------------------------------------------------------ timing
 
 
+def no_host_rewards(sampled: Rollout) -> jax.Array:
+    """PPO's rewards all come from the reward model on the device: the host sources add zeros."""
+    return jnp.zeros(sampled.row_mask.shape, jnp.float32)
+
+
 @dataclasses.dataclass
 class Iteration:
     """One PPO iteration as three separately timed phases, carrying the trainer state between them."""
@@ -323,14 +330,19 @@ class Iteration:
 
         def rollout():
             outputs["rollout"] = trainer.rollout(
-                self.state.params, self.batch, jax.random.fold_in(key, 0), sampling=self.sampling
+                self.state.params,
+                self.batch,
+                jax.random.fold_in(key, 0),
+                sampling=self.sampling,
+                samples_per_prompt=trainer.options.samples_per_prompt,
             )
             return outputs["rollout"]
 
         def scoring():
             state = self.state
+            sampled = outputs["rollout"]
             outputs["scoring"] = trainer.score(
-                state.params, state.value_params, state.kl_coef, trainer.frozen, outputs["rollout"]
+                state.params, state.value_params, state.kl_coef, trainer.frozen, sampled, no_host_rewards(sampled)
             )
             return outputs["scoring"]
 
@@ -352,11 +364,18 @@ class Iteration:
         compiled executable)."""
         trainer, key = self.trainer, jax.random.key(0)
         if phase == "rollout":
-            return trainer.rollout.lower(self.state.params, self.batch, key, sampling=self.sampling)
+            return trainer.rollout.lower(
+                self.state.params,
+                self.batch,
+                key,
+                sampling=self.sampling,
+                samples_per_prompt=trainer.options.samples_per_prompt,
+            )
         if phase == "scoring":
             state = self.state
+            sampled = outputs["rollout"]
             return trainer.score.lower(
-                state.params, state.value_params, state.kl_coef, trainer.frozen, outputs["rollout"]
+                state.params, state.value_params, state.kl_coef, trainer.frozen, sampled, no_host_rewards(sampled)
             )
         scored = outputs["scoring"]
         return trainer.update.lower(
@@ -394,7 +413,7 @@ def time_iterations(iteration: Iteration, repeats: int) -> tuple[dict[str, list[
     return samples, totals, outputs
 
 
-def check_full_length(rollout: ppo.Rollout, new_tokens: int) -> None:
+def check_full_length(rollout: Rollout, new_tokens: int) -> None:
     generated, expected = int(rollout.response_mask.sum()), rollout.response_mask.shape[0] * new_tokens
     if generated != expected:
         raise RuntimeError(

@@ -10,7 +10,8 @@ model can learn and that DPO and PPO can then optimise:
   (three cheerful against none) to hard (two against one), so accuracy is not free.
 
 SFT rows carry responses of every mood, so the SFT policy produces all of them; preference tuning
-then has somewhere to go. Run ``python demo/make_data.py`` to regenerate (deterministic).
+then has somewhere to go. The counting files are a verifiable task for GRPO: the prompt says how many
+cheerful words to use and the row's ``answer`` holds the number. Run ``python demo/make_data.py`` to regenerate (deterministic).
 """
 
 from __future__ import annotations
@@ -101,6 +102,22 @@ def prompt_rows(rng: random.Random, n: int) -> list[dict]:
     return [{"messages": prompt_messages(rng, rng.choice(THINGS))} for _ in range(n)]
 
 
+COUNTING_PROMPT = "Describe the {thing} with {n} nice words."
+
+
+def counting_rows(rng: random.Random, n: int) -> list[dict]:
+    """The verifiable task GRPO learns: how many cheerful words to use is in the prompt, and the
+    ``answer`` field holds it (checked by easyppo/configs/demo_rewards.py)."""
+    rows = []
+    for _ in range(n):
+        thing, count = rng.choice(THINGS), rng.randint(0, 3)
+        messages = [{"role": "user", "content": COUNTING_PROMPT.format(thing=thing, n=count)}]
+        if rng.random() < 0.2:
+            messages.insert(0, {"role": "system", "content": SYSTEM})
+        rows.append({"messages": messages, "answer": str(count)})
+    return rows
+
+
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -144,6 +161,13 @@ def main() -> None:
         "prompts_eval.jsonl": prompt_rows(rng, 128),
     }
     for name, rows in splits.items():
+        write_jsonl(out / name, rows)
+    # A stream of its own, so adding the task left every earlier file (and the tokenizer) unchanged.
+    counting = random.Random(20261130)
+    for name, rows in {
+        "counting_train.jsonl": counting_rows(counting, 1024),
+        "counting_eval.jsonl": counting_rows(counting, 128),
+    }.items():
         write_jsonl(out / name, rows)
     texts = [m["content"] for row in splits["sft_train.jsonl"] for m in row["messages"]]
     train_tokenizer(out / "tokenizer.model", texts)

@@ -21,6 +21,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("models", ("easyppo.models",)),
     ("weights", ("easyppo.weights",)),
     ("data", ("easyppo.data",)),
+    ("rewards", ("easyppo.rewards",)),
     ("algorithms", ("easyppo.algorithms",)),
     ("run", ("easyppo.run",)),
     ("configs", ("easyppo.configs",)),

@@ -45,7 +45,7 @@ def test_train_help_lists_the_installed_presets(capsys):
     assert "--config=ALGORITHM:PRESET" in out
     for algorithm, presets in train_cli.installed_presets().items():
         assert f"  {algorithm}: {', '.join(presets)}" in out
-    assert set(train_cli.installed_presets()) == {"sft", "rm", "dpo", "ppo"}
+    assert set(train_cli.installed_presets()) == {"sft", "rm", "dpo", "ppo", "grpo"}
 
 
 def test_an_installed_preset_is_named_from_any_directory(tmp_path, monkeypatch):
@@ -64,7 +64,7 @@ def test_a_config_file_from_a_checkout_still_works():
 
 @pytest.mark.parametrize(
     "reference, message",
-    [("ppo:nope", "ppo has no preset 'nope'"), ("grpo:demo", "neither a config file nor ALGORITHM:PRESET")],
+    [("ppo:nope", "ppo has no preset 'nope'"), ("kto:demo", "neither a config file nor ALGORITHM:PRESET")],
 )
 def test_an_unknown_preset_names_the_choices(reference, message):
     with pytest.raises(run_config.ConfigError, match=message):

@@ -231,6 +231,7 @@ def test_rows_within_the_limits_are_untouched(chat):
     prompt = [user("Hi")]
     assert encoder.encode({"prompt": prompt}) | {} == {
         "prompt_ids": chat.encode_prompt(prompt),
+        "answer": None,
         "status": Status.OK,
         "error_field": "",
         "error_reason": "",

@@ -12,7 +12,7 @@ import pytest
 from helpers.ppo_runs import tiny_ppo_config
 
 from easyppo.algorithms.rl import forward, losses
-from easyppo.algorithms.rl.options import RLOptions
+from easyppo.algorithms.rl.options import PPOOptions
 from easyppo.algorithms.rl.scoring import Experience
 from easyppo.algorithms.rl.update import Optimizers, RLState, update
 from easyppo.core import optim, sharding
@@ -29,7 +29,9 @@ RNG = np.random.default_rng(0)
 
 def test_clipped_policy_loss_is_the_pessimistic_surrogate():
     logp, old, adv = (RNG.normal(size=(4, 6)).astype(np.float32) * s for s in (0.3, 0.3, 1.0))
-    loss, clipped, ratio = losses.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), 0.2)
+    terms = losses.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv), 0.2, 0.2)
+    loss, ratio = terms.loss, terms.ratio
+    clipped = np.asarray(terms.clipped_low + terms.clipped_high) > 0
     r = np.exp(logp - old)
     expected = np.maximum(-adv * r, -adv * np.clip(r, 0.8, 1.2))
     np.testing.assert_allclose(ratio, r, rtol=1e-6)
@@ -41,9 +43,9 @@ def test_clipped_policy_loss_is_the_pessimistic_surrogate():
 def test_clipped_policy_loss_at_ratio_one_is_minus_the_advantage_and_never_clips():
     adv = RNG.normal(size=(3, 5)).astype(np.float32)
     logp = RNG.normal(size=(3, 5)).astype(np.float32)
-    loss, clipped, _ = losses.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(logp), jnp.asarray(adv), 0.2)
-    np.testing.assert_allclose(loss, -adv, rtol=1e-6)
-    assert not np.any(clipped)
+    terms = losses.clipped_policy_loss(jnp.asarray(logp), jnp.asarray(logp), jnp.asarray(adv), 0.2, 0.2)
+    np.testing.assert_allclose(terms.loss, -adv, rtol=1e-6)
+    assert not np.any(terms.clipped_low) and not np.any(terms.clipped_high)
 
 
 def test_clipped_value_loss_takes_the_larger_of_the_clipped_and_unclipped_errors():
@@ -253,8 +255,15 @@ def test_an_iteration_runs_with_the_pod_settings_scanned_layers_remat_and_bfloat
 def _one_iteration(trainer, batch):
     state = trainer.init_state()
     with jax.set_mesh(trainer.mesh):
-        rollout = trainer.rollout(state.params, batch, jax.random.key(7), sampling=trainer.sampling)
-        scored = trainer.score(state.params, state.value_params, state.kl_coef, trainer.frozen, rollout)
+        rollout = trainer.rollout(
+            state.params,
+            batch,
+            jax.random.key(7),
+            sampling=trainer.sampling,
+            samples_per_prompt=trainer.options.samples_per_prompt,
+        )
+        judged = trainer.judge(state.params, state.value_params, trainer.frozen, rollout)
+        scored = trainer.assemble(judged, rollout, jnp.zeros(rollout.row_mask.shape), state.kl_coef)
         state, _ = trainer.update(state, scored.experience, scored.metrics["kl_per_sequence"], jax.random.key(8))
     return jax.device_get((rollout.response_ids, scored.experience, scored.samples, state))
 
@@ -282,7 +291,7 @@ def test_a_sharded_iteration_equals_the_single_device_one(tmp_path):
 
 def test_options_are_hashable_so_jitted_programs_can_close_over_them(tmp_path):
     options = run_config.validate(tiny_ppo_config(tmp_path), num_devices=8).options
-    assert isinstance(options, RLOptions)
+    assert isinstance(options, PPOOptions)
     assert hash(options) == hash(dataclasses.replace(options))
 
 
@@ -308,13 +317,15 @@ def _synthetic_experience(seed: int, *, rows: int = 8, prompt_len: int = 6, new:
         response_ids=ids[:, prompt_len:],
         mask=mask,
         old_logprobs=np.zeros((rows, new), np.float32),  # replaced by the policy's own below
+        is_weights=np.ones((rows, new), np.float32),
+        reference_logprobs=None,
         old_values=rng.normal(size=(rows, new)).astype(np.float32) * mask,
         advantages=advantages,
         returns=rng.normal(size=(rows, new)).astype(np.float32) * mask,
     )
 
 
-def _update_setup(options: RLOptions, learning_rate: float = 1e-2):
+def _update_setup(options: PPOOptions, learning_rate: float = 1e-2):
     policy = llama.init_params(UPDATE_MODEL, "causal_lm", jax.random.key(0))
     value = llama.init_params(UPDATE_MODEL, "value", jax.random.key(1))
     optim_config = run_config.base_config("ppo").optim
@@ -347,7 +358,7 @@ def _update_setup(options: RLOptions, learning_rate: float = 1e-2):
 
 
 def test_the_update_on_a_synthetic_experience_matches_the_surrogate_formula_at_ratio_one():
-    options = RLOptions(logprob_chunk_size=4)
+    options = PPOOptions(logprob_chunk_size=4)
     state, experience, run = _update_setup(options)
     new_state, metrics = run(state, experience, jnp.float32(0.0), jax.random.key(0))
     # One epoch of one minibatch at the experience's own parameters: the ratio is 1, nothing clips,
@@ -361,7 +372,7 @@ def test_the_update_on_a_synthetic_experience_matches_the_surrogate_formula_at_r
 
 
 def test_an_update_without_the_policy_trains_only_the_critic():
-    state, experience, run = _update_setup(RLOptions(logprob_chunk_size=4))
+    state, experience, run = _update_setup(PPOOptions(logprob_chunk_size=4))
     new_state, metrics = run(state, experience, jnp.float32(0.0), jax.random.key(0), train_policy=False)
     assert not _changed(new_state.params, state.params)
     assert _changed(new_state.value_params, state.value_params)
@@ -369,7 +380,7 @@ def test_an_update_without_the_policy_trains_only_the_critic():
 
 
 def test_later_minibatches_of_an_update_see_a_moved_policy_and_clip():
-    options = RLOptions(logprob_chunk_size=4, ppo_epochs=4, num_minibatches=2, clip_ratio=0.05)
+    options = PPOOptions(logprob_chunk_size=4, ppo_epochs=4, num_minibatches=2, clip_ratio=0.05)
     state, experience, run = _update_setup(options, learning_rate=5e-2)
     _, metrics = run(state, experience, jnp.float32(0.0), jax.random.key(0))
     assert float(metrics["policy_clip_fraction"]) > 0.0

@@ -292,6 +292,18 @@ def host_local_to_global(batch: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree_util.tree_map_with_path(to_global, batch)
 
 
+def global_rows(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Arrays sharded over the batch axes from *whole* host arrays that every process holds alike
+    (e.g. rows gathered with ``process_allgather`` and then selected on every host the same way)."""
+    sharding = batch_sharding(mesh)
+
+    def place(value):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(place, tree)
+
+
 # ------------------------------------------------------------------------------------- activations
 
 

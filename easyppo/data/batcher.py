@@ -66,6 +66,17 @@ class ExampleBatcher:
         batch["example_index"] = np.asarray(positions, dtype=np.int32)
         return batch
 
+    def answers(self, positions: Sequence[int] | np.ndarray) -> list[str | None]:
+        """The ground-truth ``answer`` of prompt rows at batch ``positions`` (None where a row has none).
+
+        Kept on the host: verifiable rewards compare decoded responses with it, so it never becomes an
+        array. ``positions`` are a batch's ``example_index`` values.
+        """
+        if self.settings.kind != "prompt":
+            raise ValueError(f"answers: only prompt rows carry answers, these are {self.settings.kind!r} rows")
+        column = self._table.column("answer")
+        return [column[int(row)].as_py() for row in self.rows[np.asarray(positions, dtype=np.int64)]]
+
     def _ragged(self, column: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import pyarrow as pa
 

@@ -37,7 +37,7 @@ from easyppo.data.chat import TRAIN_ON
 from easyppo.data.errors import DataConfigError, RowError
 
 #: Bumped whenever the stored token layout or the truncation rules change, to invalidate caches.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: prompt rows keep their ground-truth answer
 TRUNCATION_MODES = ("truncate", "drop", "error")
 _COMPLETE_MARKER = "COMPLETE"
 _MAP_BATCH_SIZE = 256
@@ -155,7 +155,7 @@ class RowEncoder:
                 "rejected_ids": "list<int32>",
                 "margin": "float32",
             },
-            "prompt": {"prompt_ids": "list<int32>"},
+            "prompt": {"prompt_ids": "list<int32>", "answer": "string"},
         }[self.settings.kind]
         errors = {"error_field": "string", "error_reason": "string", "error_detail": "string"}
         return {**columns, "status": "int8", **errors}
@@ -219,7 +219,11 @@ class RowEncoder:
         fit = self._fit(len(prompt), 0, "prompt")
         if fit.status in (Status.DROPPED, Status.ERROR):
             return self._failed(fit.status, fit.field, "too_long", fit.detail)
-        return {"prompt_ids": self._prompt_cut(prompt, fit.prompt_keep)(prompt), "status": fit.status}
+        return {
+            "prompt_ids": self._prompt_cut(prompt, fit.prompt_keep)(prompt),
+            "answer": record.get("answer"),
+            "status": fit.status,
+        }
 
     def _fit(self, prompt_len: int, response_len: int, response_field: str) -> _Fit:
         """Decides whether (and how much of) a prompt and its response fit the length budget."""
@@ -269,6 +273,8 @@ class RowEncoder:
         row: dict[str, Any] = {name: [] for name, kind in self.output_columns().items() if kind.startswith("list")}
         if self.settings.kind == "preference":
             row["margin"] = 0.0
+        if self.settings.kind == "prompt":
+            row["answer"] = None
         row.update(status=status, error_field=field, error_reason=reason, error_detail=detail)
         return row
 

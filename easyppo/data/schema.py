@@ -6,7 +6,8 @@ Three kinds of rows are accepted (field names are the JSON keys):
 * ``"preference"``: either ``chosen`` and ``rejected`` as two conversations that share every message
   but the final assistant turn (the Tulu 2.5 preference-data shape; a ``prompt`` string next to them
   is ignored), or ``prompt`` + ``chosen`` + ``rejected`` as plain strings. Optional numeric ``margin``.
-* ``"prompt"`` (PPO rollouts): ``messages`` ending in a user turn, or a ``prompt`` string.
+* ``"prompt"`` (RL rollouts): ``messages`` ending in a user turn, or a ``prompt`` string; an optional
+  ``answer`` (string or number) is the ground truth that verifiable rewards check responses against.
 
 Roles are ``system``, ``user`` and ``assistant``; every assistant turn must directly follow a user
 turn (what every chat format assumes). Unknown extra fields (``id``, ``source``, ...) are ignored.
@@ -16,7 +17,7 @@ fingerprint) never sees the difference between the string and the message-list s
 
 * sft:        ``{"messages": [message, ...]}``
 * preference: ``{"prompt": [message, ...], "chosen": str, "rejected": str, "margin": float}``
-* prompt:     ``{"prompt": [message, ...]}``
+* prompt:     ``{"prompt": [message, ...], "answer": str | None}``
 
 where ``prompt`` ends in a user turn and ``chosen`` / ``rejected`` are the final assistant contents.
 Invalid rows become :class:`RowError` s naming source, row and field; nothing is raised here, the
@@ -152,9 +153,9 @@ def _normalise_prompt(where: _Where, value: Any) -> dict[str, Any]:
                 f"a prompt must end with a user turn, got '{messages[-1]['role']}'",
             )
         _check_turn_order(where, messages, "messages")
-        return {"prompt": messages}
+        return {"prompt": messages, "answer": _answer(where, row)}
     if row.get("prompt") is not None:
-        return {"prompt": [{"role": "user", "content": _prompt_string(where, row)}]}
+        return {"prompt": [{"role": "user", "content": _prompt_string(where, row)}], "answer": _answer(where, row)}
     raise where.error(
         "messages",
         "missing_field",
@@ -282,6 +283,25 @@ def _response_string(where: _Where, value: str, field: str) -> str:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38  # margins are float32 on the device; a larger one would be inf there
+
+
+def _answer(where: _Where, row: dict[str, Any]) -> str | None:
+    """The optional ground truth of a prompt row (verifiable rewards compare responses with it), as text.
+
+    A number is kept as it was written (``12``, ``0.5``); a boolean, a list or an empty string is refused
+    here, not later when a reward function would silently score every response 0.
+    """
+    value = row.get("answer")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise where.error("answer", "bad_type", f"expected a string or a number, got {type_name(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise where.error("answer", "bad_value", f"must be finite, got {value}")
+    text = str(value)
+    if not text.strip():
+        raise where.error("answer", "empty_answer", "the answer is empty")
+    return text
 
 
 def _margin(where: _Where, row: dict[str, Any]) -> float:

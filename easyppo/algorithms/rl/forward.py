@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from easyppo.core import ops
 from easyppo.models import llama, sequences
@@ -35,13 +36,20 @@ def response_logprobs(
     *,
     chunk_size: int,
     with_entropy: bool = False,
+    temperature: float = 1.0,
 ):
-    """log pi(response token) [R, N] (and, ``with_entropy``, each predictive distribution's entropy)."""
+    """log pi(response token) [R, N] (and, ``with_entropy``, each predictive distribution's entropy).
+
+    ``temperature`` scores the distribution ``softmax(logits / T)``; the logits are linear in the final
+    hidden state, so dividing the hidden state by T divides every logit by T at no extra cost.
+    """
     hidden = llama.make_model(policy, "causal_lm").apply(
         {"params": params}, seqs.input_ids, seqs.attention_mask, seqs.position_ids, method="hidden_states"
     )
     num_new = response_ids.shape[1]
     hidden = response_columns(hidden, seqs.input_ids.shape[1] - num_new, num_new)
+    if temperature != 1.0:
+        hidden = hidden / jnp.asarray(temperature, hidden.dtype)
     return ops.token_logprobs(
         hidden,
         llama.output_embedding(params, policy),

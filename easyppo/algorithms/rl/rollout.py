@@ -7,6 +7,7 @@ samples with ``easyppo.models.generation.generate`` (one jitted prefill + ``lax.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +30,7 @@ class Rollout:
     prompt_mask: jax.Array  # int32 [R, P]
     response_ids: jax.Array  # int32 [R, N]
     response_mask: jax.Array  # int32 [R, N], 1 up to and including the stop token; 0 on padding rows
-    sampler_logprobs: jax.Array  # float32 [R, N], the sampler's raw (temperature 1) log-probs
+    sampler_logprobs: jax.Array  # float32 [R, N], the sampler's log-probs (temperature 1, or tempered)
     finished: jax.Array  # bool [R]
     row_mask: jax.Array  # float32 [R], 0 for padding rows of a partial prompt batch
 
@@ -42,9 +43,21 @@ def rollout(
     policy: llama.LlamaConfig,
     sampling: generation.SamplingConfig,
     samples_per_prompt: int,
+    rollout_dtype: str = "",
+    tempered_logprobs: bool = False,
 ) -> Rollout:
     """``samples_per_prompt`` responses to each prompt of a prompt batch (``prompt_input_ids``,
-    ``prompt_attention_mask``, ``example_mask``), sampled by the policy ``params``."""
+    ``prompt_attention_mask``, ``example_mask``), sampled by the policy ``params``.
+
+    ``rollout_dtype`` ("bfloat16", ...) runs the sampler in another precision than training (weights
+    cast once per rollout); ``sampler_logprobs`` then differ from the trainer's, which the importance
+    correction measures and corrects. ``tempered_logprobs`` stores the log-probs of the distribution
+    sampled from (temperature, top-k/p) instead of the raw temperature-1 ones.
+    """
+    if rollout_dtype:
+        dtype = jnp.dtype(rollout_dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        policy = dataclasses.replace(policy, dtype=rollout_dtype, param_dtype=rollout_dtype)
     repeat = lambda x: jnp.repeat(x, samples_per_prompt, axis=0)
     prompt_ids = repeat(prompts["prompt_input_ids"]).astype(jnp.int32)
     prompt_mask = repeat(prompts["prompt_attention_mask"]).astype(jnp.int32)
@@ -55,7 +68,7 @@ def rollout(
         prompt_mask=prompt_mask,
         response_ids=out.tokens,
         response_mask=out.response_mask * (row_mask[:, None] > 0),
-        sampler_logprobs=out.logprobs,
+        sampler_logprobs=out.processed_logprobs if tempered_logprobs else out.logprobs,
         finished=out.finished,
         row_mask=row_mask,
     )

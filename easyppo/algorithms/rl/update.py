@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from easyppo.algorithms.rl import forward, losses
 from easyppo.algorithms.rl.options import RLOptions
-from easyppo.algorithms.rl.scoring import Experience
+from easyppo.algorithms.rl.scoring import Experience, scoring_temperature
 from easyppo.core import grad_accum, ops, sharding
 
 PyTree = Any
@@ -45,16 +45,18 @@ class Optimizers(NamedTuple):
     """The policy's and the critic's optimizers, with the schedules that report their learning rates."""
 
     policy: optax.GradientTransformation
-    value: optax.GradientTransformation
+    value: optax.GradientTransformation | None  # None without a critic
     policy_schedule: optax.Schedule
-    value_schedule: optax.Schedule
+    value_schedule: optax.Schedule | None
 
 
 def policy_loss_fn(
     params: PyTree, minibatch: Experience, rng: jax.Array, *, models: forward.Models, options: RLOptions
 ):
-    """Summed clipped-surrogate loss (minus the entropy bonus) of a minibatch, with (sum, count) metrics."""
+    """The clipped-surrogate loss of a minibatch (with its importance weights, KL term and entropy
+    bonus) as the (sum, count) pair of ``options.loss_aggregation``, with (sum, count) metrics."""
     del rng
+    o = options
     mask = minibatch.mask
     tokens = jnp.sum(mask)
     total = lambda x: (ops.masked_sum(x, mask), tokens)
@@ -62,24 +64,30 @@ def policy_loss_fn(
     # The entropy over the vocabulary costs a pass over every chunk's logits in the forward and the
     # backward: computed only when it is part of the loss (scoring reports it anyway).
     logprob_args = (models.policy, params, minibatch.sequences, minibatch.response_ids)
-    if options.entropy_coef:
-        logprobs, entropy = forward.response_logprobs(
-            *logprob_args, chunk_size=options.logprob_chunk_size, with_entropy=True
-        )
+    logprob_kwargs = dict(chunk_size=o.logprob_chunk_size, temperature=scoring_temperature(o))
+    if o.entropy_coef:
+        logprobs, entropy = forward.response_logprobs(*logprob_args, with_entropy=True, **logprob_kwargs)
         metrics["update_entropy"] = total(entropy)
     else:
-        logprobs, entropy = forward.response_logprobs(*logprob_args, chunk_size=options.logprob_chunk_size), 0.0
-    per_token, clipped, ratio = losses.clipped_policy_loss(
-        logprobs, minibatch.old_logprobs, minibatch.advantages, options.clip_ratio
+        logprobs, entropy = forward.response_logprobs(*logprob_args, **logprob_kwargs), 0.0
+    terms = losses.clipped_policy_loss(
+        logprobs, minibatch.old_logprobs, minibatch.advantages, o.clip_ratio, o.clip_high
     )
-    loss_sum = ops.masked_sum(per_token - options.entropy_coef * entropy, mask)
+    per_token = terms.loss * minibatch.is_weights - o.entropy_coef * entropy
+    if minibatch.reference_logprobs is not None:
+        kl = ops.kl_estimate(logprobs, minibatch.reference_logprobs, "k3")
+        per_token = per_token + o.kl_loss_coef * kl
+        metrics["kl_loss"] = total(kl)
+    loss_sum, count = losses.aggregate(per_token, mask, o.loss_aggregation, o.length_divisor)
     log_ratio = logprobs - minibatch.old_logprobs
     return loss_sum, {
-        "loss": (loss_sum, tokens),
-        "policy_loss": total(per_token),
-        "policy_clip_fraction": total(clipped),
+        "loss": (loss_sum, count),
+        "policy_loss": total(terms.loss),
+        "policy_clip_fraction": total(terms.clipped_low + terms.clipped_high),
+        "policy_clip_fraction_low": total(terms.clipped_low),
+        "policy_clip_fraction_high": total(terms.clipped_high),
         "approx_kl": total(jnp.expm1(log_ratio) - log_ratio),  # k3 estimate of KL(old || new)
-        "ratio": total(ratio),
+        "ratio": total(terms.ratio),
         **metrics,
     }
 
@@ -139,12 +147,20 @@ def update(
             state = state.replace(params=policy.params, opt_state=policy.opt_state)
             metrics.update({k: v for k, v in policy.metrics.items() if k != "loss"}, policy_grad_norm=policy.grad_norm)
             skipped = skipped + (~policy.finite)
-        value = grad_accum.gradient_update(
-            value_loss, optimizers.value, state.value_params, state.value_opt_state, minibatch, key, num_microbatches
-        )
-        state = state.replace(value_params=value.params, value_opt_state=value.opt_state)
-        metrics.update({k: v for k, v in value.metrics.items() if k != "loss"}, value_grad_norm=value.grad_norm)
-        return (state, skipped + (~value.finite)), metrics
+        if state.value_params is not None:
+            value = grad_accum.gradient_update(
+                value_loss,
+                optimizers.value,
+                state.value_params,
+                state.value_opt_state,
+                minibatch,
+                key,
+                num_microbatches,
+            )
+            state = state.replace(value_params=value.params, value_opt_state=value.opt_state)
+            metrics.update({k: v for k, v in value.metrics.items() if k != "loss"}, value_grad_norm=value.grad_norm)
+            skipped = skipped + (~value.finite)
+        return (state, skipped), metrics
 
     def epoch(carry, epoch_index):
         order = jax.random.permutation(jax.random.fold_in(rng, 1_000_003 + epoch_index), rows)
@@ -162,11 +178,12 @@ def update(
         )
     iteration = state.step + 1  # the iteration this update completes, counting from 1
     updates = o.updates_per_step
-    policy_updates_done = jnp.maximum(iteration - o.value_warmup_steps, 0) * updates
+    policy_updates_done = jnp.maximum(iteration - getattr(o, "value_warmup_steps", 0), 0) * updates
     if train_policy:
         metrics["learning_rate"] = optimizers.policy_schedule(jnp.maximum(policy_updates_done - 1, 0))
     else:
         metrics["learning_rate"] = jnp.zeros((), jnp.float32)
-    metrics["value_learning_rate"] = optimizers.value_schedule(iteration * updates - 1)
+    if state.value_params is not None:
+        metrics["value_learning_rate"] = optimizers.value_schedule(iteration * updates - 1)
     metrics["skipped_updates"] = skipped.astype(jnp.float32)
     return state.replace(step=iteration, kl_coef=kl_coef), metrics

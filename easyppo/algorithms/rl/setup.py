@@ -1,0 +1,190 @@
+"""Building an RL trainer from a run config: the checks that need the whole config, the models the
+options call for (and no others), the optimizers, the sampler and the reward sources.
+
+Shared by every RL algorithm (``easyppo.algorithms.ppo``, ``easyppo.algorithms.grpo``); the
+algorithm's config section (``config.ppo`` / ``config.grpo``) holds its options and model sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import ml_collections
+
+from easyppo.algorithms.contract import RunInputs
+from easyppo.algorithms.rl import forward
+from easyppo.algorithms.rl.options import RLOptions
+from easyppo.algorithms.rl.trainer import RLTrainer
+from easyppo.algorithms.rl.update import Optimizers
+from easyppo.core import optim
+from easyppo.core.options import OptionError
+from easyppo.data import chat
+from easyppo.rewards.sources import RewardSources
+from easyppo.weights import loading
+
+logger = logging.getLogger(__name__)
+
+
+def value_model_config(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The critic's ``model`` config: ``value_model``, or the reward model's if unset (PPO only)."""
+    value = section.value_model
+    if value.init_from:
+        return value
+    start = ml_collections.ConfigDict(section.reward_model.to_dict())
+    for key in ("dtype", "param_dtype", "remat", "scan_layers"):
+        start[key] = value[key]  # the trained copy keeps its own compute settings
+    return start
+
+
+def reward_sources(options: RLOptions, name: str) -> RewardSources:
+    """The run's reward sources; a bad name, function or pattern fails naming ``<name>.rewards``."""
+    return RewardSources.from_spec(
+        options.rewards,
+        format_pattern=options.reward_format_pattern,
+        numeric_tolerance=options.reward_numeric_tolerance,
+        key=f"{name}.rewards",
+    )
+
+
+def rows_per_update(config: ml_collections.ConfigDict, options: RLOptions) -> int:
+    """Rows one optimizer step sees: a minibatch of the rollout."""
+    return config.data.global_batch_size * options.samples_per_prompt // options.num_minibatches
+
+
+def check_run(config: ml_collections.ConfigDict, options: RLOptions, *, name: str) -> None:
+    """The checks that need more than the options: the rollout's split, lengths, vocabularies, rewards."""
+    section = config[name]
+    if options.uses_critic:
+        optim.check_config(section.value_optim, section=f"{name}.value_optim")
+    if config.data.kind != "prompt":
+        raise OptionError("data.kind", f"{name} trains on prompts: set data.kind='prompt', got {config.data.kind!r}")
+    rows = config.data.global_batch_size * options.samples_per_prompt
+    if rows % options.num_minibatches:
+        raise OptionError(
+            f"{name}.num_minibatches",
+            f"the rollout's {rows} rows (data.global_batch_size x samples_per_prompt) do not split into "
+            f"{options.num_minibatches} minibatches",
+        )
+    reward_sources(options, name)  # imports user functions now, before anything loads
+    policy = loading.resolve_architecture(config.model)
+    total = config.data.max_prompt_len + options.sampling.max_new_tokens
+    models = [("model", None)]
+    if options.uses_reward_model:
+        models.append((f"{name}.reward_model", section.reward_model))
+    if options.uses_critic:
+        models.append((f"{name}.value_model", value_model_config(section)))
+    for key, model_cfg in models:
+        architecture = policy if model_cfg is None else loading.resolve_architecture(model_cfg)
+        if total > architecture.max_position_embeddings:
+            raise OptionError(
+                f"{name}.sampling.max_new_tokens",
+                f"data.max_prompt_len ({config.data.max_prompt_len}) + {options.sampling.max_new_tokens} new "
+                f"tokens exceed {key}'s max_position_embeddings={architecture.max_position_embeddings}",
+            )
+        if model_cfg is not None and architecture.vocab_size < policy.vocab_size:
+            raise OptionError(
+                key,
+                f"its vocabulary ({architecture.vocab_size}) is smaller than the policy's ({policy.vocab_size}); "
+                "the reward and value models must share the policy's tokenizer",
+            )
+
+
+def _check_answers(sources: RewardSources, data, key: str, name: str) -> None:
+    """Answer-checking rewards need every prompt row to carry its ``answer``: refuse before compiling."""
+    if data is None or not sources.needs_answers:
+        return
+    answers = data.batcher.answers(range(len(data.batcher)))
+    missing = [i for i, answer in enumerate(answers) if answer is None]
+    if missing:
+        raise OptionError(
+            f"{name}.rewards",
+            f"{len(missing)} of {len(answers)} prompt rows of {key} have no 'answer' field, which "
+            f"{', '.join(n for n in sources.names if n != 'format')} compares responses with",
+        )
+
+
+def make_trainer(
+    config: ml_collections.ConfigDict,
+    options: RLOptions,
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    *,
+    inputs: RunInputs,
+    resuming: bool = False,
+    name: str,
+) -> RLTrainer:
+    """Loads the models the options need and builds the trainer.
+
+    ``resuming``: the policy and critic weights will come from the checkpoint, so only their shapes
+    are built; the frozen reference and reward model are always read.
+    """
+    section = config[name]
+    sources = reward_sources(options, name)
+    _check_answers(sources, inputs.train_data, "data", name)
+    _check_answers(sources, inputs.eval_data, "eval", name)
+    rng = jax.random.key(config.seed)
+    policy_config, _, params = loading.load_model(config.model, "causal_lm", mesh=mesh, rng=rng, abstract=resuming)
+    frozen, described = {"reference": None, "reward": None}, []
+    if options.uses_reference:
+        reference_cfg = loading.frozen_config(config.model, options.reference_init_from)
+        _, _, frozen["reference"] = loading.load_model(reference_cfg, "causal_lm", mesh=mesh, rng=rng)
+        described.append(f"reference {reference_cfg.init_from or 'the policy random init'}")
+    # The reward model and (by default) PPO's critic start from the same weights: the value head
+    # begins as the reward head, Tulu 2.5's and InstructGPT's choice.
+    reward_rng = jax.random.fold_in(rng, 1)
+    reward_config = value_config = value = None
+    if options.uses_reward_model:
+        reward_config, _, frozen["reward"] = loading.load_model(
+            loading.frozen_config(section.reward_model), "reward", mesh=mesh, rng=reward_rng
+        )
+        described.append(f"reward model {section.reward_model.init_from or 'random ' + section.reward_model.preset}")
+    if options.uses_critic:
+        value_cfg = value_model_config(section)
+        value_config, _, value = loading.load_model(value_cfg, "value", mesh=mesh, rng=reward_rng, abstract=resuming)
+        described.append(f"critic {value_cfg.init_from or 'the reward model random init'}")
+    logger.info(
+        "%s models: policy %s%s; reward sources %s%s",
+        name,
+        config.model.init_from or f"random {config.model.preset}",
+        "".join(", " + d for d in described),
+        options.rewards,
+        " (trained weights restored from the checkpoint)" if resuming else "",
+    )
+    updates = options.updates_per_step
+    policy_updates = max(total_steps - getattr(options, "value_warmup_steps", 0), 1) * updates
+    value_updates = total_steps * updates
+    critic = options.uses_critic
+    optimizers = Optimizers(
+        policy=optim.make_optimizer(config.optim, policy_updates),
+        value=optim.make_optimizer(section.value_optim, value_updates) if critic else None,
+        policy_schedule=optim.make_schedule(config.optim, policy_updates),
+        value_schedule=optim.make_schedule(section.value_optim, value_updates) if critic else None,
+    )
+    pad_id = inputs.tokenizer.pad_id
+    sampling = dataclasses.replace(
+        options.sampling,
+        stop_token_ids=tuple(
+            dict.fromkeys(options.sampling.stop_token_ids + chat.stop_token_ids(inputs.chat_format, inputs.tokenizer))
+        ),
+        pad_token_id=pad_id,
+    )
+    return RLTrainer(
+        options=options,
+        mesh=mesh,
+        models=forward.Models(policy=policy_config, value=value_config, reward=reward_config),
+        optimizers=optimizers,
+        sampling=sampling,
+        eval_sampling=dataclasses.replace(sampling, greedy=True) if options.eval_greedy else sampling,
+        initial_params=params,
+        initial_value_params=value,
+        frozen=frozen,
+        num_microbatches=config.train.grad_accum_steps,
+        pad_token_id=pad_id,
+        tokenizer=inputs.tokenizer,
+        sources=sources,
+        train_batcher=inputs.train_data.batcher if inputs.train_data is not None else None,
+        eval_batcher=inputs.eval_data.batcher if inputs.eval_data is not None else None,
+        seed=config.seed,
+    )
