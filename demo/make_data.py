@@ -106,11 +106,12 @@ COUNTING_PROMPT = "Describe the {thing} with {n} nice words."
 
 
 def counting_rows(rng: random.Random, n: int) -> list[dict]:
-    """The verifiable task GRPO learns: how many cheerful words to use is in the prompt, and the
-    ``answer`` field holds it (checked by easyppo/configs/demo_rewards.py)."""
+    """The verifiable task GRPO learns: the prompt asks for 0 or 3 cheerful words and the ``answer``
+    field holds the number (checked by easyppo/configs/demo_rewards.py). The SFT policy mixes moods at
+    random, so it rarely gets it right; reading the number off the prompt is what RL must teach."""
     rows = []
     for _ in range(n):
-        thing, count = rng.choice(THINGS), rng.randint(0, 3)
+        thing, count = rng.choice(THINGS), rng.choice((0, 3))  # none or only nice words
         messages = [{"role": "user", "content": COUNTING_PROMPT.format(thing=thing, n=count)}]
         if rng.random() < 0.2:
             messages.insert(0, {"role": "system", "content": SYSTEM})

@@ -2,6 +2,7 @@
 
     SFT (a starting policy) -> reward model (Bradley-Terry) -> DPO (from the SFT policy)
                                                            -> PPO (SFT policy, reward and value from the RM)
+                            -> GRPO (SFT policy, a verifiable reward on the counting task)
     each exported to Hugging Face format
 
 Each stage is an ordinary run of the one train loop with a ``demo`` preset, exactly what
@@ -18,7 +19,7 @@ import pathlib
 import sys
 import time
 
-STAGES = ("sft", "rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 # The held-out metrics each stage's summary prints before -> after: (metric, what it means).
 HEADLINE = {
     "sft": [("loss", "held-out NLL per assistant token")],
@@ -31,6 +32,7 @@ HEADLINE = {
         ("score", "held-out reward-model score of the policy's responses"),
         ("kl_per_sequence", "held-out KL to the SFT policy (nats per response)"),
     ],
+    "grpo": [("accuracy", "held-out accuracy of sampled responses on the counting task")],
 }
 
 

@@ -34,10 +34,15 @@ FLOAT32_MAX = 3.4028234663852886e38
 class OptionError(ValueError):
     """An invalid option; ``key`` is its dotted name (within its section, or in the whole config)."""
 
-    def __init__(self, key: str, message: str):
+    def __init__(self, key: str, message: str | None = None):
+        if message is None:  # rebuilt from its text alone (absl's flag parser does this)
+            key, _, message = key.partition(": ")
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+    def __reduce__(self):
+        return type(self), (self.key, self.message)
 
     def within(self, section: str) -> OptionError:
         """The same error with its key prefixed by the section that holds it."""

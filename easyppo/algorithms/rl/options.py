@@ -187,7 +187,6 @@ class GroupRLOptions(RLOptions):
             "samples_per_prompt",
             f"a group needs at least 2 samples per prompt, got {self.samples_per_prompt}",
         )
-        require(bool(self.rewards.strip()), "rewards", "is empty: name at least one reward source, e.g. 'numeric'")
         require_finite(self.std_epsilon, "std_epsilon")
         require(self.std_epsilon > 0, "std_epsilon", f"must be > 0, got {self.std_epsilon}")
         require(self.max_sampling_rounds >= 1, "max_sampling_rounds", f"must be >= 1, got {self.max_sampling_rounds}")

@@ -67,6 +67,8 @@ def check_run(config: ml_collections.ConfigDict, options: RLOptions, *, name: st
             f"the rollout's {rows} rows (data.global_batch_size x samples_per_prompt) do not split into "
             f"{options.num_minibatches} minibatches",
         )
+    if not options.rewards.strip():
+        raise OptionError(f"{name}.rewards", "is empty: name at least one reward source, e.g. 'math_verify'")
     reward_sources(options, name)  # imports user functions now, before anything loads
     policy = loading.resolve_architecture(config.model)
     total = config.data.max_prompt_len + options.sampling.max_new_tokens
