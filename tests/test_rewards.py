@@ -85,7 +85,8 @@ def test_sources_add_weighted_host_rewards_and_leave_the_reward_model_to_the_dev
 
 
 @pytest.mark.parametrize(
-    "returned, message", [([1.0], "returned 1 values for 2 responses"), ([1.0, float("nan")], "returned nan for response 1")]
+    "returned, message",
+    [([1.0], "returned 1 values for 2 responses"), ([1.0, float("nan")], "returned nan for response 1")],
 )
 def test_a_user_function_that_returns_the_wrong_thing_is_named(monkeypatch, returned, message):
     module = types.ModuleType("bad_rewards")

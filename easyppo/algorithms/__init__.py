@@ -6,10 +6,12 @@ model kind, options type, trainer factory, ...). Adding an algorithm is a module
 
 from __future__ import annotations
 
-from easyppo.algorithms import dpo, grpo, ppo, rm, sft
+from easyppo.algorithms import dpo, grpo, online_dpo, ppo, rm, sft
 from easyppo.algorithms.contract import Algorithm
 
-REGISTRY: dict[str, Algorithm] = {module.ALGORITHM.name: module.ALGORITHM for module in (sft, rm, dpo, ppo, grpo)}
+REGISTRY: dict[str, Algorithm] = {
+    module.ALGORITHM.name: module.ALGORITHM for module in (sft, rm, dpo, ppo, grpo, online_dpo)
+}
 
 
 def get_algorithm(name: str) -> Algorithm:

@@ -27,6 +27,7 @@ class HostRows:
             "response_ids": rollout.response_ids,
             "response_mask": rollout.response_mask,
             "row_mask": rollout.row_mask,
+            "finished": rollout.finished,
             "example_index": example_index,
         }
         host = jax.tree.map(np.asarray, multihost_utils.process_allgather(arrays, tiled=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -21,10 +22,13 @@ from easyppo.algorithms.rl.update import Optimizers
 from easyppo.core import optim
 from easyppo.core.options import OptionError
 from easyppo.data import chat
+from easyppo.models import generation
 from easyppo.rewards.sources import RewardSources
 from easyppo.weights import loading
 
 logger = logging.getLogger(__name__)
+
+PyTree = Any
 
 
 def value_model_config(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -107,25 +111,22 @@ def _check_answers(sources: RewardSources, data, key: str, name: str) -> None:
         )
 
 
-def make_trainer(
-    config: ml_collections.ConfigDict,
-    options: RLOptions,
-    mesh: jax.sharding.Mesh,
-    total_steps: int,
-    *,
-    inputs: RunInputs,
-    resuming: bool = False,
-    name: str,
-) -> RLTrainer:
-    """Loads the models the options need and builds the trainer.
+class LoadedModels(NamedTuple):
+    models: forward.Models
+    params: PyTree  # the policy's (abstract when resuming)
+    value_params: PyTree | None  # the critic's; None without one
+    frozen: dict  # {"reference": params | None, "reward": params | None}
+
+
+def load_models(
+    config: ml_collections.ConfigDict, options, mesh: jax.sharding.Mesh, *, resuming: bool, name: str
+) -> LoadedModels:
+    """The models the options call for, and no others (module doc).
 
     ``resuming``: the policy and critic weights will come from the checkpoint, so only their shapes
     are built; the frozen reference and reward model are always read.
     """
     section = config[name]
-    sources = reward_sources(options, name)
-    _check_answers(sources, inputs.train_data, "data", name)
-    _check_answers(sources, inputs.eval_data, "eval", name)
     rng = jax.random.key(config.seed)
     policy_config, _, params = loading.load_model(config.model, "causal_lm", mesh=mesh, rng=rng, abstract=resuming)
     frozen, described = {"reference": None, "reward": None}, []
@@ -154,6 +155,42 @@ def make_trainer(
         options.rewards,
         " (trained weights restored from the checkpoint)" if resuming else "",
     )
+    models = forward.Models(policy=policy_config, value=value_config, reward=reward_config)
+    return LoadedModels(models=models, params=params, value_params=value, frozen=frozen)
+
+
+def run_sampling(options, inputs: RunInputs) -> generation.SamplingConfig:
+    """The options' sampler, stopping also at the chat format's end-of-turn ids, padding with the run's pad id."""
+    return dataclasses.replace(
+        options.sampling,
+        stop_token_ids=tuple(
+            dict.fromkeys(options.sampling.stop_token_ids + chat.stop_token_ids(inputs.chat_format, inputs.tokenizer))
+        ),
+        pad_token_id=inputs.tokenizer.pad_id,
+    )
+
+
+def check_answers(sources: RewardSources, inputs: RunInputs, name: str) -> None:
+    """Answer-checking rewards need every prompt row to carry its ``answer``: refuse before compiling."""
+    for key, data in (("data", inputs.train_data), ("eval", inputs.eval_data)):
+        _check_answers(sources, data, key, name)
+
+
+def make_trainer(
+    config: ml_collections.ConfigDict,
+    options: RLOptions,
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    *,
+    inputs: RunInputs,
+    resuming: bool = False,
+    name: str,
+) -> RLTrainer:
+    """Loads the models the options need and builds the trainer."""
+    section = config[name]
+    sources = reward_sources(options, name)
+    check_answers(sources, inputs, name)
+    loaded = load_models(config, options, mesh, resuming=resuming, name=name)
     updates = options.updates_per_step
     policy_updates = max(total_steps - getattr(options, "value_warmup_steps", 0), 1) * updates
     value_updates = total_steps * updates
@@ -164,26 +201,19 @@ def make_trainer(
         policy_schedule=optim.make_schedule(config.optim, policy_updates),
         value_schedule=optim.make_schedule(section.value_optim, value_updates) if critic else None,
     )
-    pad_id = inputs.tokenizer.pad_id
-    sampling = dataclasses.replace(
-        options.sampling,
-        stop_token_ids=tuple(
-            dict.fromkeys(options.sampling.stop_token_ids + chat.stop_token_ids(inputs.chat_format, inputs.tokenizer))
-        ),
-        pad_token_id=pad_id,
-    )
+    sampling = run_sampling(options, inputs)
     return RLTrainer(
         options=options,
         mesh=mesh,
-        models=forward.Models(policy=policy_config, value=value_config, reward=reward_config),
+        models=loaded.models,
         optimizers=optimizers,
         sampling=sampling,
         eval_sampling=dataclasses.replace(sampling, greedy=True) if options.eval_greedy else sampling,
-        initial_params=params,
-        initial_value_params=value,
-        frozen=frozen,
+        initial_params=loaded.params,
+        initial_value_params=loaded.value_params,
+        frozen=loaded.frozen,
         num_microbatches=config.train.grad_accum_steps,
-        pad_token_id=pad_id,
+        pad_token_id=inputs.tokenizer.pad_id,
         tokenizer=inputs.tokenizer,
         sources=sources,
         train_batcher=inputs.train_data.batcher if inputs.train_data is not None else None,
