@@ -13,13 +13,14 @@ from easyppo.run import config as run_config
 from easyppo.weights import huggingface, loading
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-ALGORITHMS = ("sft", "rm", "dpo", "ppo")
+ALGORITHMS = ("sft", "rm", "dpo", "ppo", "grpo")
 
 # The architecture of every checkpoint the presets name (their config.json, as presets).
 NAMED_CHECKPOINTS = {
     "meta-llama/Llama-2-7b-hf": "llama2_7b",
     "allenai/tulu-2-13b": "tulu2_13b",
     "allenai/Llama-3.1-Tulu-3-8B-SFT": "llama3.1_8b",
+    "allenai/Llama-3.1-Tulu-3-8B-DPO": "llama3.1_8b",
     "allenai/tulu-v2.5-13b-uf-rm": "tulu2_13b",
     "allenai/tulu-v2.5-70b-preference-mix-rm": "tulu2_70b",
 }
@@ -71,6 +72,19 @@ def test_the_ppo_pod_presets_validate_on_32_to_128_chip_slices(named_checkpoints
 @pytest.mark.parametrize("algorithm, preset", POD_PRESETS)
 def test_every_pod_preset_validates_on_a_32_chip_slice(named_checkpoints, algorithm, preset):
     run_config.validate(config_module(algorithm).get_config(preset), num_devices=32, process_count=8)
+
+
+def test_the_group_presets_hold_their_recipes_distinguishing_choices():
+    grpo = config_module("grpo")
+    rlvr, dr, dapo = (grpo.get_config(name).grpo for name in ("tulu3_8b_rlvr", "dr_grpo", "dapo"))
+    assert (rlvr.advantage_estimator, rlvr.kl_loss_coef, rlvr.samples_per_prompt) == ("grpo", 0.01, 16)
+    assert (dr.advantage_estimator, dr.loss_aggregation, dr.kl_loss_coef) == ("dr_grpo", "seq-mean-token-sum-norm", 0.0)
+    assert (dapo.clip_ratio, dapo.clip_ratio_high, dapo.dynamic_sampling, dapo.overlong_buffer) == (
+        0.2,
+        0.28,
+        True,
+        4096,
+    )
 
 
 def test_the_tulu25_ppo_preset_holds_the_recipe_values():

@@ -112,7 +112,7 @@ def test_prompt_rows_keep_their_answer_as_text():
 
 @pytest.mark.parametrize(
     "answer, reason",
-    [([4], "expected a string or a number, got"), (True, "expected a string or a number"), ("  ", "empty")],
+    [([4, 5], "expected a string or a number, got"), (True, "expected a string or a number"), ("  ", "empty")],
 )
 def test_a_bad_answer_is_a_row_error_naming_file_row_and_field(answer, reason):
     with pytest.raises(RowError) as raised:
@@ -136,3 +136,14 @@ def test_the_bundled_counting_rows_ask_for_the_number_their_answer_holds():
     rows = [json.loads(line) for line in (DEMO_DATA / "counting_eval.jsonl").read_text().splitlines()]
     assert {row["answer"] for row in rows} == {"0", "3"}
     assert all(f"with {row['answer']} nice words" in row["messages"][-1]["content"] for row in rows)
+
+
+def test_data_answer_field_reads_another_or_a_nested_field_and_prompt_may_be_a_conversation():
+    row = {"prompt": [{"role": "user", "content": "2+2?"}], "reward_model": {"ground_truth": "4"}}
+    record = validate_record(row, "prompt", answer_field="reward_model.ground_truth")
+    assert record == {"prompt": [{"role": "user", "content": "2+2?"}], "answer": "4"}
+    assert (
+        validate_record({"prompt": "x", "ground_truth": ["7"]}, "prompt", answer_field="ground_truth")["answer"] == "7"
+    )
+    with pytest.raises(RowError, match="field 'ground_truth': expected a string or a number"):
+        validate_record({"prompt": "x", "ground_truth": {"a": 1}}, "prompt", answer_field="ground_truth")

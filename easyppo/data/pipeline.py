@@ -53,6 +53,7 @@ def default_config() -> config_dict.ConfigDict:
     c.split = "train"  # For hf_dataset / tfds_dataset.
     # What the rows are and how they become tokens.
     c.kind = "preference"  # "sft" | "preference" | "prompt".
+    c.answer_field = "answer"  # prompt rows' ground truth for verifiable rewards (dotted: nested field)
     c.chat_format = "tulu"  # See docs/chat_formats.md.
     c.tokenizer_path = ""  # sentencepiece .model, HF tokenizer dir or tokenizer.json.
     c.bos_id = config_dict.placeholder(int)  # None: take the tokenizer's own.
@@ -193,7 +194,7 @@ def prepare_data(config: config_dict.ConfigDict, *, tokenizer=None, chat_format=
     settings = example_settings(config)
     policy = dict(on_bad_row=config.on_bad_row, max_bad_fraction=config.max_bad_fraction)
 
-    validated = validate_records(read_records(source_spec(config)), settings.kind)
+    validated = validate_records(read_records(source_spec(config)), settings.kind, answer_field=config.answer_field)
     enforce_bad_row_policy(validated.errors, validated.num_read, **policy)  # Fail before tokenising.
     if not validated.records:
         where = config.path or f"{config.hf_dataset} ({config.split})"

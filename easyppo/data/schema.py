@@ -6,8 +6,9 @@ Three kinds of rows are accepted (field names are the JSON keys):
 * ``"preference"``: either ``chosen`` and ``rejected`` as two conversations that share every message
   but the final assistant turn (the Tulu 2.5 preference-data shape; a ``prompt`` string next to them
   is ignored), or ``prompt`` + ``chosen`` + ``rejected`` as plain strings. Optional numeric ``margin``.
-* ``"prompt"`` (RL rollouts): ``messages`` ending in a user turn, or a ``prompt`` string; an optional
-  ``answer`` (string or number) is the ground truth that verifiable rewards check responses against.
+* ``"prompt"`` (RL rollouts): ``messages`` ending in a user turn, or ``prompt`` (a string or such a
+  conversation); an optional ``answer`` (string or number; ``data.answer_field`` names another field,
+  nested with dots) is the ground truth that verifiable rewards check responses against.
 
 Roles are ``system``, ``user`` and ``assistant``; every assistant turn must directly follow a user
 turn (what every chat format assumes). Unknown extra fields (``id``, ``source``, ...) are ignored.
@@ -55,8 +56,12 @@ class ValidatedRows:
     num_read: int
 
 
-def validate_records(raw_records: Iterable[RawRecord], kind: str) -> ValidatedRows:
-    """Validates and normalises every record; bad rows are collected, not raised."""
+def validate_records(raw_records: Iterable[RawRecord], kind: str, *, answer_field: str = "answer") -> ValidatedRows:
+    """Validates and normalises every record; bad rows are collected, not raised.
+
+    ``answer_field`` names a prompt row's ground truth (``"ground_truth"``, or a dotted path such as
+    ``"reward_model.ground_truth"`` for a nested object).
+    """
     normalise = _normaliser(kind)
     result = ValidatedRows(kind, [], [], [], 0)
     for raw in raw_records:
@@ -65,7 +70,7 @@ def validate_records(raw_records: Iterable[RawRecord], kind: str) -> ValidatedRo
             result.errors.append(raw.error)
             continue
         try:
-            record = normalise(_Where(raw.source, raw.row), raw.value)
+            record = normalise(_Where(raw.source, raw.row, answer_field), raw.value)
         except RowError as error:
             result.errors.append(error)
             continue
@@ -74,9 +79,11 @@ def validate_records(raw_records: Iterable[RawRecord], kind: str) -> ValidatedRo
     return result
 
 
-def validate_record(value: Any, kind: str, *, source: str = "<row>", row: int = 1) -> dict[str, Any]:
+def validate_record(
+    value: Any, kind: str, *, source: str = "<row>", row: int = 1, answer_field: str = "answer"
+) -> dict[str, Any]:
     """Validates one row value and returns its normalised record; raises :class:`RowError`."""
-    return _normaliser(kind)(_Where(source, row), value)
+    return _normaliser(kind)(_Where(source, row, answer_field), value)
 
 
 def _normaliser(kind: str):
@@ -89,6 +96,7 @@ def _normaliser(kind: str):
 class _Where:
     source: str
     row: int
+    answer_field: str = "answer"  # where a prompt row's ground truth is (dotted for nested objects)
 
     def error(self, field: str | None, reason: str, detail: str) -> RowError:
         return RowError(self.source, self.row, field, reason, detail)
@@ -153,6 +161,16 @@ def _normalise_prompt(where: _Where, value: Any) -> dict[str, Any]:
                 f"a prompt must end with a user turn, got '{messages[-1]['role']}'",
             )
         _check_turn_order(where, messages, "messages")
+        return {"prompt": messages, "answer": _answer(where, row)}
+    if isinstance(row.get("prompt"), list):  # a conversation under 'prompt' (DAPO-Math, verl's layout)
+        messages = _conversation(where, row, "prompt")
+        if messages[-1]["role"] != "user":
+            raise where.error(
+                f"prompt[{len(messages) - 1}].role",
+                "bad_conversation_end",
+                f"a prompt must end with a user turn, got '{messages[-1]['role']}'",
+            )
+        _check_turn_order(where, messages, "prompt")
         return {"prompt": messages, "answer": _answer(where, row)}
     if row.get("prompt") is not None:
         return {"prompt": [{"role": "user", "content": _prompt_string(where, row)}], "answer": _answer(where, row)}
@@ -291,16 +309,21 @@ def _answer(where: _Where, row: dict[str, Any]) -> str | None:
     A number is kept as it was written (``12``, ``0.5``); a boolean, a list or an empty string is refused
     here, not later when a reward function would silently score every response 0.
     """
-    value = row.get("answer")
+    field = where.answer_field
+    value: Any = row
+    for part in field.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
     if value is None:
         return None
+    if isinstance(value, list) and len(value) == 1:  # some sets wrap a single ground truth in a list
+        value = value[0]
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise where.error("answer", "bad_type", f"expected a string or a number, got {type_name(value)}")
+        raise where.error(field, "bad_type", f"expected a string or a number, got {type_name(value)}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise where.error("answer", "bad_value", f"must be finite, got {value}")
+        raise where.error(field, "bad_value", f"must be finite, got {value}")
     text = str(value)
     if not text.strip():
-        raise where.error("answer", "empty_answer", "the answer is empty")
+        raise where.error(field, "empty_answer", "the answer is empty")
     return text
 
 
