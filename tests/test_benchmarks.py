@@ -275,3 +275,18 @@ def test_ppo_iteration_cli_reports_three_timed_phases_that_add_up_to_the_iterati
     assert phases["rollout"]["tokens"] == rows * PPO_TINY["new_tokens"]
     assert report["rollout_metrics"]["response_length"] == PPO_TINY["new_tokens"]
     assert report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def test_grpo_iteration_cli_splits_grpo_into_four_phases_beside_ppos_three(capsys):
+    from benchmarks import grpo_iteration
+
+    flags = ["--hidden=64", "--layers=1", "--prompts=8", "--samples=2", "--new-tokens=4", "--repeats=1"]
+    report = grpo_iteration.main(flags)
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
+    grpo, ppo = report["runs"]
+    assert list(grpo["phases_s"]) == ["rollout", "reward", "scoring", "update"]
+    assert list(ppo["phases_s"]) == ["rollout", "scoring", "update"]
+    for run in (grpo, ppo):
+        assert run["iteration_s"] == pytest.approx(sum(run["phases_s"].values()))
+        assert run["tokens_per_s"] == pytest.approx(8 * 2 * (40 + 4) / run["iteration_s"])
+    assert report["grpo_vs_ppo_tokens_per_s"] == pytest.approx(grpo["tokens_per_s"] / ppo["tokens_per_s"])
