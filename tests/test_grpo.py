@@ -70,6 +70,37 @@ def test_a_bfloat16_sampler_shows_its_mismatch_and_truncated_importance_sampling
     assert not bool(result.skipped) and all(np.isfinite(v) for v in corrected.values())
 
 
+def test_a_bfloat16_sampler_trains_stably_with_correction_and_its_mismatch_stays_visible_without(tmp_path):
+    runs = {}
+    for correction in ("none", "tis"):
+        config = tiny_grpo_config(tmp_path / correction)
+        config.data.global_batch_size = 8  # the loop spreads rows over all 8 emulated devices
+        config.train.num_steps = 4
+        config.grpo.rollout_dtype = "bfloat16"
+        config.grpo.importance_correction = correction
+        config.grpo.importance_cap = 1.01  # tight, so the correction visibly acts on a tiny model
+        result = loop.train(config)
+        assert result.status == "completed" and result.nonfinite_steps == 0
+        runs[correction] = [row for row in metric_rows(tmp_path / correction) if "logprob_gap" in row]
+    for rows in runs.values():
+        assert len(rows) == 4 and all(row["logprob_gap"] > 1e-4 for row in rows)  # logged, every step
+        assert all(np.isfinite(row["policy_loss"]) and row["skipped_updates"] == 0 for row in rows)
+    assert all(row["importance_corrected_fraction"] == 0 for row in runs["none"])
+    assert any(row["importance_corrected_fraction"] > 0 for row in runs["tis"])
+
+
+def test_scoring_at_the_sampling_temperature_matches_the_samplers_tempered_log_probs(tmp_path):
+    config = tiny_grpo_config(tmp_path)
+    config.grpo.sampling.temperature = 0.7
+    config.grpo.logprob_temperature = "sampling"
+    _, tempered = _step_metrics(*_trainer(config))
+    config.grpo.logprob_temperature = "one"
+    _, raw = _step_metrics(*_trainer(config))
+    # Either way the trainer scores the distribution whose log-probs the sampler stored.
+    assert tempered["logprob_gap"] < 1e-4 and raw["logprob_gap"] < 1e-4
+    assert tempered["entropy"] < raw["entropy"]  # T = 0.7 sharpens every predictive distribution
+
+
 def test_answer_checking_rewards_refuse_prompts_without_answers_before_compiling(tmp_path):
     config = tiny_grpo_config(tmp_path)
     config.data.path = str(tmp_path / "no_answers.jsonl")

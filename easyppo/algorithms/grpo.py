@@ -31,5 +31,5 @@ ALGORITHM = Algorithm(
     sections={"reward_model": loading.default_config},  # used only when 'reward_model' is a reward source
     check_run=functools.partial(setup.check_run, name="grpo"),
     rows_per_update=setup.rows_per_update,
-    progress_bar_metrics=("score", "response_length"),
+    progress_bar_metrics=("score", "accuracy", "response_length"),
 )
