@@ -90,60 +90,51 @@ def build_config(algorithm: str, args: argparse.Namespace, out: pathlib.Path):
     return c
 
 
-def _ready(tree: Any) -> Any:
-    return jax.block_until_ready(tree)
+def _phase(times: dict[str, float], name: str, fn):
+    """Runs ``fn`` to completion (device work included) and records its seconds under ``name``."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times[name] = time.perf_counter() - start
+    return out
+
+
+def _rollout(trainer, state, batch, rng):
+    samples = trainer.options.samples_per_prompt
+    return trainer.rollout(state.params, batch, rng, sampling=trainer.sampling, samples_per_prompt=samples)
 
 
 def time_grpo(trainer, state, batch, rng) -> tuple[dict[str, float], Any]:
     """Times each phase of one iteration; returns the times and the updated state (the old one is donated)."""
     times: dict[str, float] = {}
-    o = trainer.options
     with jax.set_mesh(trainer.mesh):
-        start = time.perf_counter()
-        sampled = _ready(
-            trainer.rollout(
-                state.params, batch, rng, sampling=trainer.sampling, samples_per_prompt=o.samples_per_prompt
-            )
-        )
-        times["rollout"] = time.perf_counter() - start
-        start = time.perf_counter()
-        rows = HostRows(sampled, batch["example_index"], o.samples_per_prompt)
-        rewards, _ = host_scores(
-            trainer.sources, rows, tokenizer=trainer.tokenizer, answers_of=trainer.train_batcher.answers
-        )
-        placed = _ready(sharding.global_rows(rewards, trainer.mesh))
-        times["reward"] = time.perf_counter() - start
-        start = time.perf_counter()
-        judged = trainer.judge(state.params, state.value_params, trainer.frozen, sampled)
-        scored = _ready(trainer.assemble(judged, sampled, placed, state.kl_coef))
-        times["scoring"] = time.perf_counter() - start
-        start = time.perf_counter()
-        state, _ = _ready(trainer.update(state, scored.experience, jnp.zeros(()), jax.random.fold_in(rng, 1)))
-        times["update"] = time.perf_counter() - start
+        sampled = _phase(times, "rollout", lambda: _rollout(trainer, state, batch, rng))
+
+        def reward():
+            rows = HostRows(sampled, batch["example_index"], trainer.options.samples_per_prompt)
+            answers = trainer.train_batcher.answers
+            rewards, _ = host_scores(trainer.sources, rows, tokenizer=trainer.tokenizer, answers_of=answers)
+            return sharding.global_rows(rewards, trainer.mesh)
+
+        rewards = _phase(times, "reward", reward)
+        judge = lambda: trainer.judge(state.params, state.value_params, trainer.frozen, sampled)
+        scored = _phase(times, "scoring", lambda: trainer.assemble(judge(), sampled, rewards, state.kl_coef))
+        update = lambda: trainer.update(state, scored.experience, jnp.zeros(()), jax.random.fold_in(rng, 1))
+        state, _ = _phase(times, "update", update)
     return times, state
 
 
 def time_ppo(trainer, state, batch, rng) -> tuple[dict[str, float], Any]:
     """Times each phase of one iteration; returns the times and the updated state (the old one is donated)."""
     times: dict[str, float] = {}
-    o = trainer.options
     with jax.set_mesh(trainer.mesh):
-        start = time.perf_counter()
-        sampled = _ready(
-            trainer.rollout(
-                state.params, batch, rng, sampling=trainer.sampling, samples_per_prompt=o.samples_per_prompt
-            )
-        )
-        times["rollout"] = time.perf_counter() - start
-        start = time.perf_counter()
+        sampled = _phase(times, "rollout", lambda: _rollout(trainer, state, batch, rng))
         zeros = jnp.zeros(sampled.row_mask.shape, jnp.float32)
-        scored = _ready(trainer.score(state.params, state.value_params, state.kl_coef, trainer.frozen, sampled, zeros))
-        times["scoring"] = time.perf_counter() - start
-        start = time.perf_counter()
-        state, _ = _ready(
-            trainer.update(state, scored.experience, scored.metrics["kl_per_sequence"], jax.random.fold_in(rng, 1))
+        score = lambda: trainer.score(state.params, state.value_params, state.kl_coef, trainer.frozen, sampled, zeros)
+        scored = _phase(times, "scoring", score)
+        kl = scored.metrics["kl_per_sequence"]
+        state, _ = _phase(
+            times, "update", lambda: trainer.update(state, scored.experience, kl, jax.random.fold_in(rng, 1))
         )
-        times["update"] = time.perf_counter() - start
     return times, state
 
 

@@ -32,12 +32,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from easyppo.algorithms import base
 from easyppo.algorithms.contract import Algorithm, MetricPairs, RunInputs, StepResult
 from easyppo.algorithms.dpo_losses import LossSettings, preference_losses
 from easyppo.algorithms.rl import forward, losses, rollout, scoring, setup
 from easyppo.algorithms.rl.host_rewards import HostRows, host_scores
 from easyppo.algorithms.rl.options import MISSING_EOS_MODES, ROLLOUT_DTYPES
+from easyppo.algorithms.rl.trainer import finalize_score_metrics
 from easyppo.core import grad_accum, optim, sharding
 from easyppo.core.options import option, require, require_finite
 from easyppo.models import generation, partitioning
@@ -330,10 +330,7 @@ class OnlineDPOTrainer:
         return pairs
 
     def finalize_metrics(self, means: dict[str, float]) -> dict[str, float]:
-        out = {k: v for k, v in means.items() if not k.endswith("_sq")}
-        if "score_sq" in means:
-            out["score_std"] = base.std_from_moments(means, "score")
-        return out
+        return finalize_score_metrics(means)
 
     def export(self, state, directory: str) -> list[str]:
         huggingface.save_hf(

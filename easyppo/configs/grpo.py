@@ -41,11 +41,16 @@ from easyppo.run.config import base_config
 
 PRESETS = ("demo", "tulu3_8b_rlvr", "dr_grpo", "dapo")
 TULU3_8B_DPO = "allenai/Llama-3.1-Tulu-3-8B-DPO"
+# (Hugging Face dataset, its answer field)
+RLVR_MIXTURE = ("allenai/RLVR-GSM-MATH-IF-Mixed-Constraints", "ground_truth")
+DAPO_MATH = ("BytedTsinghua-SIA/DAPO-Math-17k", "reward_model.ground_truth")
 
 
-def _pod_rlvr(c, *, output_name: str) -> None:
-    """What every pod preset shares: the start, the chat format, math rewards, pod engineering."""
+def _pod_rlvr(c, *, output_name: str, dataset: tuple[str, str]) -> None:
+    """What every pod preset shares: the start, the data, the chat format, math rewards, pod engineering."""
     c.output_dir = f"runs/{output_name}"
+    c.data.hf_dataset, c.data.answer_field = dataset
+    c.data.split = "train"
     apply_pod_settings(c, init_from=TULU3_8B_DPO, save_every_steps=50)
     c.train.preemption_sync_every_steps = 1  # iterations take minutes: agree on a SIGTERM every one
     c.data.kind = "prompt"
@@ -89,10 +94,7 @@ def get_config(preset: str = "demo"):
         c.logging.samples_every_steps = 10
         c.checkpoint.save_every_steps = 20
     elif preset == "tulu3_8b_rlvr":
-        _pod_rlvr(c, output_name="tulu3_8b_rlvr")
-        c.data.hf_dataset = "allenai/RLVR-GSM-MATH-IF-Mixed-Constraints"
-        c.data.split = "train"
-        c.data.answer_field = "ground_truth"
+        _pod_rlvr(c, output_name="tulu3_8b_rlvr", dataset=RLVR_MIXTURE)
         c.data.global_batch_size = 64
         c.grpo.advantage_estimator = "grpo"
         c.grpo.samples_per_prompt = 16
@@ -103,10 +105,7 @@ def get_config(preset: str = "demo"):
         c.optim.schedule = "linear"
         c.train.grad_accum_steps = 8
     elif preset == "dr_grpo":
-        _pod_rlvr(c, output_name="dr_grpo_tulu3_8b")
-        c.data.hf_dataset = "allenai/RLVR-GSM-MATH-IF-Mixed-Constraints"
-        c.data.split = "train"
-        c.data.answer_field = "ground_truth"
+        _pod_rlvr(c, output_name="dr_grpo_tulu3_8b", dataset=RLVR_MIXTURE)
         c.data.global_batch_size = 128
         c.grpo.advantage_estimator = "dr_grpo"
         c.grpo.loss_aggregation = "seq-mean-token-sum-norm"
@@ -119,10 +118,7 @@ def get_config(preset: str = "demo"):
         c.optim.schedule = "constant"
         c.train.grad_accum_steps = 8
     elif preset == "dapo":
-        _pod_rlvr(c, output_name="dapo_tulu3_8b")
-        c.data.hf_dataset = "BytedTsinghua-SIA/DAPO-Math-17k"
-        c.data.split = "train"
-        c.data.answer_field = "reward_model.ground_truth"
+        _pod_rlvr(c, output_name="dapo_tulu3_8b", dataset=DAPO_MATH)
         c.data.global_batch_size = 512
         c.grpo.advantage_estimator = "grpo"
         c.grpo.samples_per_prompt = 16

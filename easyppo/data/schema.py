@@ -152,25 +152,17 @@ def _normalise_preference(where: _Where, value: Any) -> dict[str, Any]:
 
 def _normalise_prompt(where: _Where, value: Any) -> dict[str, Any]:
     row = _as_object(where, value)
-    if row.get("messages") is not None:
-        messages = _conversation(where, row, "messages")
+    # A conversation under 'messages', or under 'prompt' (DAPO-Math's and verl's layout).
+    field = "messages" if row.get("messages") is not None else "prompt" if isinstance(row.get("prompt"), list) else None
+    if field is not None:
+        messages = _conversation(where, row, field)
         if messages[-1]["role"] != "user":
             raise where.error(
-                f"messages[{len(messages) - 1}].role",
+                f"{field}[{len(messages) - 1}].role",
                 "bad_conversation_end",
                 f"a prompt must end with a user turn, got '{messages[-1]['role']}'",
             )
-        _check_turn_order(where, messages, "messages")
-        return {"prompt": messages, "answer": _answer(where, row)}
-    if isinstance(row.get("prompt"), list):  # a conversation under 'prompt' (DAPO-Math, verl's layout)
-        messages = _conversation(where, row, "prompt")
-        if messages[-1]["role"] != "user":
-            raise where.error(
-                f"prompt[{len(messages) - 1}].role",
-                "bad_conversation_end",
-                f"a prompt must end with a user turn, got '{messages[-1]['role']}'",
-            )
-        _check_turn_order(where, messages, "prompt")
+        _check_turn_order(where, messages, field)
         return {"prompt": messages, "answer": _answer(where, row)}
     if row.get("prompt") is not None:
         return {"prompt": [{"role": "user", "content": _prompt_string(where, row)}], "answer": _answer(where, row)}

@@ -37,6 +37,14 @@ from easyppo.weights import huggingface
 PyTree = Any
 
 
+def finalize_score_metrics(means: dict[str, float]) -> dict[str, float]:
+    """Held-out means with the score's second moment turned into its standard deviation."""
+    out = {k: v for k, v in means.items() if not k.endswith("_sq")}
+    if "score_sq" in means:
+        out["score_std"] = base.std_from_moments(means, "score")
+    return out
+
+
 def value_export_dir(policy_dir: str) -> str:
     """Where the value model is exported beside the policy (a sibling, so the policy dir stays a clean model)."""
     return policy_dir.rstrip("/") + "_value"
@@ -327,10 +335,7 @@ class RLTrainer:
         return pairs
 
     def finalize_metrics(self, means: dict[str, float]) -> dict[str, float]:
-        out = {k: v for k, v in means.items() if not k.endswith("_sq")}
-        if "score_sq" in means:
-            out["score_std"] = base.std_from_moments(means, "score")
-        return out
+        return finalize_score_metrics(means)
 
     # ----------------------------------------------------------------------------------- export
 
