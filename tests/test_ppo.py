@@ -249,6 +249,21 @@ def test_an_iteration_runs_with_the_pod_settings_scanned_layers_remat_and_bfloat
     assert metrics["logprob_gap_max"] < 0.1  # sampler and trainer agree to bfloat16 precision
 
 
+def test_ppo_takes_the_shared_rl_options_a_bfloat16_sampler_with_truncated_importance_sampling(tmp_path):
+    config = tiny_ppo_config(tmp_path)
+    config.ppo.rollout_dtype = "bfloat16"
+    config.ppo.importance_correction = "tis"
+    config.ppo.importance_cap = 1.001  # tight: a random tiny policy is nearly uniform, its gaps small
+    config.ppo.clip_ratio_high = 0.28
+    config.ppo.loss_aggregation = "seq-mean-token-mean"
+    trainer, batch = _single_device(config)
+    result = trainer.train_step(trainer.init_state(), batch, jax.random.key(0), step=0)
+    metrics = {name: float(value) for name, value in jax.device_get(result.metrics).items()}
+    assert not bool(result.skipped) and all(np.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["logprob_gap"] > 1e-4 and metrics["importance_corrected_fraction"] > 0
+    assert "value_loss" in metrics and "explained_variance" in metrics  # still PPO, critic and all
+
+
 # ------------------------------------------------------------------------------------- sharding
 
 
