@@ -45,7 +45,7 @@ def test_train_help_lists_the_installed_presets(capsys):
     assert "--config=ALGORITHM:PRESET" in out
     for algorithm, presets in train_cli.installed_presets().items():
         assert f"  {algorithm}: {', '.join(presets)}" in out
-    assert set(train_cli.installed_presets()) == {"sft", "rm", "dpo", "ppo", "grpo"}
+    assert set(train_cli.installed_presets()) == {"sft", "rm", "dpo", "ppo", "grpo", "online_dpo"}
 
 
 def test_an_installed_preset_is_named_from_any_directory(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from easyppo.run import config as run_config
 from easyppo.weights import huggingface, loading
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-ALGORITHMS = ("sft", "rm", "dpo", "ppo", "grpo")
+ALGORITHMS = ("sft", "rm", "dpo", "ppo", "grpo", "online_dpo")
 
 # The architecture of every checkpoint the presets name (their config.json, as presets).
 NAMED_CHECKPOINTS = {
