@@ -290,3 +290,12 @@ def test_grpo_iteration_cli_splits_grpo_into_four_phases_beside_ppos_three(capsy
         assert run["iteration_s"] == pytest.approx(sum(run["phases_s"].values()))
         assert run["tokens_per_s"] == pytest.approx(8 * 2 * (40 + 4) / run["iteration_s"])
     assert report["grpo_vs_ppo_tokens_per_s"] == pytest.approx(grpo["tokens_per_s"] / ppo["tokens_per_s"])
+
+
+def test_logprob_grad_cli_checks_agreement_and_reports_both_variants(capsys):
+    from benchmarks import logprob_grad
+
+    report = logprob_grad.main(["--rows=2", "--seq_len=8", "--hidden=16", "--vocab=64", "--chunk=4", "--repeats=1"])
+    assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(report["speedup"])
+    assert [run["variant"] for run in report["runs"]] == ["autodiff", "custom_vjp"]
+    assert report["speedup"] == pytest.approx(report["runs"][0]["median_s"] / report["runs"][1]["median_s"])

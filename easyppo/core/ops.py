@@ -15,6 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from easyppo.core.logprobs import gather_last as _gather_last
+from easyppo.core.logprobs import token_logprobs
+
+__all__ = ["token_logprobs"]  # re-exported: algorithms call ops.token_logprobs
+
 KLKind = Literal["k1", "k2", "k3"]
 KL_KINDS: tuple[str, ...] = ("k1", "k2", "k3")
 
@@ -34,91 +39,6 @@ def logprobs_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return _gather_last(log_probs, targets)
-
-
-def token_logprobs(
-    hidden: jax.Array,
-    output_embedding: jax.Array,
-    targets: jax.Array,
-    *,
-    chunk_size: int,
-    return_entropy: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """log p(target) per position from final hidden states, without materialising [B, T, V] logits.
-
-    Args:
-      hidden: [B, T, D] final (normed) hidden states in the compute dtype.
-      output_embedding: [D, V] LM-head matrix (`llama.output_embedding(params, config)`). It is cast
-        to `hidden.dtype`, so the matmul runs in the compute dtype (bf16 on accelerators) while
-        accumulating in float32; the gradient still flows to the float32 master weights.
-      targets: [B, T] integer ids; position t holds the token that position t predicts (see
-        `shift_for_next_token`). Ids outside [0, V) are clipped, so masked positions may hold any
-        id.
-      chunk_size: number of sequence positions per chunk. Peak extra memory is about
-        B * chunk_size * V float32 values, in the forward *and* the backward pass.
-      return_entropy: also return the per-position entropy of the predictive distribution.
-
-    Returns:
-      float32 [B, T] log-probs, or (log-probs, entropy) when `return_entropy`.
-
-    Why chunked: for a 128k vocabulary, the float32 logits of an [8, 4096] batch take 17 GB. The
-    sequence is cut into chunks and `lax.scan` processes one chunk at a time; the chunk body is
-    wrapped in `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of
-    keeping all of them alive between the forward and backward passes.
-    """
-    if hidden.ndim != 3:
-        raise ValueError(f"token_logprobs: hidden must be [B, T, D], got shape {hidden.shape}")
-    if output_embedding.ndim != 2 or output_embedding.shape[0] != hidden.shape[-1]:
-        raise ValueError(
-            f"token_logprobs: output_embedding must be [D={hidden.shape[-1]}, V], got shape {output_embedding.shape}"
-        )
-    if targets.shape != hidden.shape[:2]:
-        raise ValueError(f"token_logprobs: targets shape {targets.shape} must equal hidden's [B, T] {hidden.shape[:2]}")
-    if chunk_size < 1:
-        raise ValueError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
-
-    batch, seq_len, _ = hidden.shape
-    chunk_size = max(min(chunk_size, seq_len), 1)
-    num_chunks = -(-seq_len // chunk_size)
-    pad = num_chunks * chunk_size - seq_len
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-
-    # [B, N*C, ...] -> [N, B, C, ...]: the scan walks over the leading chunk axis.
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
-    weight = output_embedding.astype(hidden.dtype)
-
-    @jax.checkpoint
-    def chunk_stats(hidden_chunk, target_chunk):
-        logits = jnp.einsum("bcd,dv->bcv", hidden_chunk, weight, preferred_element_type=jnp.float32)
-        log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-        logp = _gather_last(logits, target_chunk) - log_normalizer
-        if not return_entropy:
-            return logp, None
-        # H = log Z - E_p[logit], which avoids forming a second [B, C, V] array of log-probs.
-        probs = jnp.exp(logits - log_normalizer[..., None])
-        entropy = log_normalizer - jnp.sum(probs * logits, axis=-1)
-        return logp, entropy
-
-    def scan_body(carry, chunk):
-        return carry, chunk_stats(*chunk)
-
-    _, (logp, entropy) = lax.scan(scan_body, None, (hidden_chunks, target_chunks))
-
-    def unchunk(x):  # [N, B, C] -> [B, T]
-        return x.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :seq_len]
-
-    if return_entropy:
-        return unchunk(logp), unchunk(entropy)
-    return unchunk(logp)
-
-
-def _gather_last(values: jax.Array, ids: jax.Array) -> jax.Array:
-    """values[..., ids] along the last axis, ids clipped into range."""
-    picked = jnp.take_along_axis(values, ids[..., None].astype(jnp.int32), axis=-1, mode="clip")
-    return picked[..., 0]
 
 
 def shift_for_next_token(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
