@@ -299,3 +299,35 @@ def test_logprob_grad_cli_checks_agreement_and_reports_both_variants(capsys):
     assert json.loads(capsys.readouterr().out)["speedup"] == pytest.approx(report["speedup"])
     assert [run["variant"] for run in report["runs"]] == ["autodiff", "custom_vjp"]
     assert report["speedup"] == pytest.approx(report["runs"][0]["median_s"] / report["runs"][1]["median_s"])
+
+
+TINY_CANONICAL = [
+    "--vocab-size=512",
+    "--hidden-size=64",
+    "--intermediate-size=128",
+    "--num-layers=1",
+    "--prompt-len=8",
+    "--response-len=8",
+    "--warmup-steps=1",
+    "--measure-steps=2",
+    "--batch-pairs=8",  # the tests' 8 emulated devices each take a row
+]
+
+
+@pytest.mark.parametrize("workload", ["dpo", "dpo --reference precomputed", "rm", "ppo"])
+def test_canonical_cli_prints_the_peers_harness_row(capsys, workload):
+    """The fields ../shared/peers/make_table.py reads, for every workload run_all.sh asks for."""
+    from benchmarks import canonical
+
+    row = canonical.main([f"--workload={workload.split()[0]}", *workload.split()[1:], *TINY_CANONICAL])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(json.dumps(row))
+    assert row["library"] == "easyppo" and row["workload"] == workload.split()[0]
+    assert row["peak_rss_mib"] > 0 and row["versions"]["easyppo"]
+    if row["workload"] == "ppo":
+        for key in ("iter_time_median_s", "gen_time_median_s", "score_time_median_s", "update_time_median_s"):
+            assert row[key] > 0
+        assert row["gen_tokens_per_s"] == pytest.approx(8 * 8 / row["gen_time_median_s"])
+    else:
+        assert row["tokens_per_s"] == pytest.approx(2 * 8 * 16 / row["step_time_median_s"])
+        assert row["step_times"]["n"] == 2 and len(row["losses"]) == 3
+        assert row["variant"] == ("precomputed reference" if "precomputed" in workload else "canonical")

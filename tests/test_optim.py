@@ -72,6 +72,15 @@ def test_constant_schedule_holds_the_peak_after_warmup():
         assert lr_at(schedule, step) == pytest.approx(PEAK)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_every_schedule_returns_a_float32_array_with_and_without_warmup(schedule):
+    # optax's constant schedule alone returns a Python float, which a trainer logging
+    # ``schedule(step).astype(...)`` tripped over.
+    for warmup in (None, 2):
+        value = optim.make_schedule(config(schedule=schedule, warmup_steps=warmup), total_steps=10)(5)
+        assert isinstance(value, jax.Array) and value.dtype == jnp.float32
+
+
 def test_no_warmup_starts_at_the_peak():
     schedule = optim.make_schedule(config(schedule="linear"), total_steps=10)
 

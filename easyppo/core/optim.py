@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from ml_collections import config_dict
@@ -110,10 +111,12 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     else:
         decay = optax.constant_schedule(peak)
 
-    if warmup == 0:
-        return decay
-    warmup_schedule = optax.linear_schedule(0.0, peak, warmup)
-    return optax.join_schedules([warmup_schedule, decay], boundaries=[warmup])
+    schedule = decay
+    if warmup:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], boundaries=[warmup])
+    # optax's constant schedule returns a Python float: every schedule here returns a float32 array,
+    # so callers can log and cast it alike.
+    return lambda step: jnp.asarray(schedule(step), jnp.float32)
 
 
 def weight_decay_mask(params: Any) -> Any:
