@@ -1,12 +1,15 @@
-"""Reinforcement learning from a reward, as composable programs over small typed structures.
+"""Reinforcement learning from rewards, as composable programs over small typed structures.
 
-    rollout (rollout.py)   prompts -> Rollout: sampled responses and the sampler's log-probs
-    scoring (scoring.py)   Rollout -> Scored: an Experience (old and reference log-probs, values,
-                           KL-shaped rewards, advantages) plus per-row scores and rollout metrics
-    advantages             per-token rewards and values -> advantages and returns (GAE today)
-    update (update.py)     Experience -> new RLState: epochs x minibatches of clipped policy and value steps
+    rollout (rollout.py)        prompts -> Rollout: sampled responses and the sampler's log-probs
+    scoring.judge               Rollout -> Judgement: old, reference and critic views, reward-model score
+    host_rewards                Rollout -> per-row rewards of the host sources (easyppo.rewards)
+    dynamic_sampling            which groups carry a signal; the refill prompts of each round
+    scoring.assemble            scores -> KL-shaped rewards -> advantages -> Experience (+ metrics)
+    advantages                  GAE with a critic, or a group estimator (grpo, dr_grpo, rloo, reinforce_pp)
+    update (update.py)          Experience -> new RLState: epochs x minibatches of clipped steps
 
-Each stage is a module-level function; ``easyppo.algorithms.ppo`` only loads the models, jits these
-with explicit shardings and runs them in order. Options live in ``options.py``, pure per-token
-formulas in ``losses.py``, model forward passes in ``forward.py``.
+Each stage is a module-level function. ``trainer.RLTrainer`` jits them with explicit shardings and
+runs them in order for PPO and the group family; ``setup`` loads only the models the options call
+for. Options live in ``options.py``, pure per-token formulas in ``losses.py``, model forward passes
+in ``forward.py``.
 """

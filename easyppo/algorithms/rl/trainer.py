@@ -197,7 +197,7 @@ class RLTrainer:
         rows = HostRows(sampled, example_index, self.options.samples_per_prompt)
         return host_scores(self.sources, rows, tokenizer=self.tokenizer, answers_of=batcher.answers)
 
-    def _selection_rewards(self, sampled: rollout.Rollout, rows: HostRows, rewards: np.ndarray) -> np.ndarray:
+    def _selection_rewards(self, sampled: rollout.Rollout, rewards: np.ndarray) -> np.ndarray:
         """What dynamic sampling compares within a group: every reward source, the reward model included."""
         if self.frozen.get("reward") is None:
             return rewards
@@ -233,7 +233,7 @@ class RLTrainer:
             if round_index == 0:
                 host_metrics.update(means)  # the policy's rewards on the data batch itself
             informative = dynamic_sampling.informative_groups(
-                self._selection_rewards(sampled, rows, rewards), rows.real, group
+                self._selection_rewards(sampled, rewards), rows.real, group
             )
             real = rows.real.reshape(-1, group)[:, 0]
             sampled_groups += int(real.sum())
