@@ -15,5 +15,5 @@ def test_grpo_raises_held_out_accuracy_on_the_counting_task(tmp_path, monkeypatc
     config.eval.at_start = True
     result = loop.train(config)
     before, after = result.initial_eval_metrics["accuracy"], result.eval_metrics["accuracy"]
-    # 128 held-out prompts: measured 0.074 -> 0.365; a rise of 0.15 is several standard errors.
+    # 128 held-out prompts: measured 0.074 -> 0.373; a rise of 0.15 is several standard errors.
     assert after > before + 0.15, (before, after)
