@@ -74,8 +74,8 @@ class ExampleBatcher:
         """
         if self.settings.kind != "prompt":
             raise ValueError(f"answers: only prompt rows carry answers, these are {self.settings.kind!r} rows")
-        column = self._table.column("answer")
-        return [column[int(row)].as_py() for row in self.rows[np.asarray(positions, dtype=np.int64)]]
+        rows = self.rows[np.asarray(positions, dtype=np.int64)]
+        return self._table.column("answer").take(rows).to_pylist()
 
     def _ragged(self, column: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import pyarrow as pa

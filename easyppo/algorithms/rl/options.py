@@ -73,6 +73,11 @@ class RLOptions:
     eval_greedy: bool = option(True, "greedy held-out responses (deterministic); False: the training sampler")
     logprob_chunk_size: int = option(256, "sequence positions per chunk of the vocabulary projection")
 
+    # Fields of one subclass, fixed here for the others, so the shared programs read them alike
+    # (class attributes, not fields: they appear in no other config section).
+    value_warmup_steps = 0  # PPOOptions: iterations that train only the critic
+    dynamic_sampling = False  # GroupRLOptions: DAPO's dynamic sampling
+
     def __post_init__(self):
         for key in ("samples_per_prompt", "ppo_epochs", "num_minibatches", "kl_horizon", "logprob_chunk_size"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")

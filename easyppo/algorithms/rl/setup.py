@@ -62,8 +62,6 @@ def check_run(config: ml_collections.ConfigDict, options: RLOptions, *, name: st
     section = config[name]
     if options.uses_critic:
         optim.check_config(section.value_optim, section=f"{name}.value_optim")
-    if config.data.kind != "prompt":
-        raise OptionError("data.kind", f"{name} trains on prompts: set data.kind='prompt', got {config.data.kind!r}")
     rows = config.data.global_batch_size * options.samples_per_prompt
     if rows % options.num_minibatches:
         raise OptionError(
@@ -192,7 +190,7 @@ def make_trainer(
     check_answers(sources, inputs, name)
     loaded = load_models(config, options, mesh, resuming=resuming, name=name)
     updates = options.updates_per_step
-    policy_updates = max(total_steps - getattr(options, "value_warmup_steps", 0), 1) * updates
+    policy_updates = max(total_steps - options.value_warmup_steps, 1) * updates
     value_updates = total_steps * updates
     critic = options.uses_critic
     optimizers = Optimizers(

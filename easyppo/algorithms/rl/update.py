@@ -178,7 +178,7 @@ def update(
         )
     iteration = state.step + 1  # the iteration this update completes, counting from 1
     updates = o.updates_per_step
-    policy_updates_done = jnp.maximum(iteration - getattr(o, "value_warmup_steps", 0), 0) * updates
+    policy_updates_done = jnp.maximum(iteration - o.value_warmup_steps, 0) * updates
     if train_policy:
         metrics["learning_rate"] = optimizers.policy_schedule(jnp.maximum(policy_updates_done - 1, 0))
     else:
