@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 from easyppo.algorithms.contract import Algorithm, MetricPairs, RunInputs, StepResult
 from easyppo.algorithms.dpo_losses import LossSettings, preference_losses
 from easyppo.algorithms.rl import forward, losses, rollout, scoring, setup
-from easyppo.algorithms.rl.host_rewards import HostRows, host_scores
+from easyppo.algorithms.rl.host_rewards import HostRows, held_out_pairs, host_scores
 from easyppo.algorithms.rl.options import MISSING_EOS_MODES, ROLLOUT_DTYPES
 from easyppo.algorithms.rl.trainer import finalize_score_metrics
 from easyppo.core import grad_accum, optim, sharding
@@ -226,10 +226,8 @@ class OnlineDPOTrainer:
 
     # -------------------------------------------------------------------------------- programs
 
-    def _reward_model_scores_impl(self, frozen, sampled):
-        if frozen.get("reward") is None:
-            return jnp.zeros(sampled.row_mask.shape, jnp.float32)
-        return forward.sequence_scores(self.models.reward, frozen["reward"], scoring.sequences_of(sampled))
+    def _reward_model_scores_impl(self, reward_params, sampled):
+        return forward.sequence_scores(self.models.reward, reward_params, scoring.sequences_of(sampled))
 
     def _pairs_impl(self, frozen, sampled, chosen, rejected, pair_mask):
         pairs = pair_batch(sampled, chosen, rejected, pair_mask)
@@ -263,8 +261,12 @@ class OnlineDPOTrainer:
         """Every response's score on the host (reward sources, then the missing-EOS penalty)."""
         rows = HostRows(sampled, example_index, samples_per_prompt)
         host, means = host_scores(self.sources, rows, tokenizer=self.tokenizer, answers_of=batcher.answers)
-        rm = np.asarray(multihost_utils.process_allgather(self._reward_model_scores(self.frozen, sampled), tiled=True))
-        raw = host + np.float32(self.sources.reward_model_weight) * rm
+        raw = host
+        if self.frozen.get("reward") is not None:
+            rm = self._reward_model_scores(self.frozen["reward"], sampled)
+            raw = raw + np.float32(self.sources.reward_model_weight) * np.asarray(
+                multihost_utils.process_allgather(rm, tiled=True)
+            )
         finished = rows.arrays["finished"].astype(bool)
         o = self.options
         penalised = np.asarray(
@@ -317,17 +319,7 @@ class OnlineDPOTrainer:
             rows, raw, _, means = self._judge(
                 sampled, batch["example_index"], self.eval_batcher or self.train_batcher, self._eval_samples
             )
-        real = rows.real.astype(np.float32)
-        count = np.float32(real.sum())
-        total = lambda x: (np.float32(np.sum(x * real)), count)
-        pairs = {
-            "score": total(raw),
-            "score_sq": total(raw**2),
-            "response_length": total(rows.arrays["response_mask"].sum(-1)),
-            "eos_rate": total(rows.arrays["finished"].astype(np.float32)),
-        }
-        pairs.update({name: (np.float32(value * count), count) for name, value in means.items()})
-        return pairs
+        return held_out_pairs(rows, raw, means)
 
     def finalize_metrics(self, means: dict[str, float]) -> dict[str, float]:
         return finalize_score_metrics(means)

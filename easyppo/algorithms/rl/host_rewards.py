@@ -73,3 +73,23 @@ def host_scores(
     if accuracy is not None:
         means["accuracy"] = means[f"reward/{accuracy}"]
     return total, means
+
+
+def held_out_pairs(
+    rows: HostRows, score: np.ndarray, source_means: dict[str, float], **extra: np.ndarray
+) -> dict[str, tuple[np.float32, np.float32]]:
+    """Held-out metrics of a rollout as (sum, count) pairs over its real rows: the score (and its
+    square, for the std), response length, stop rate, each reward source's mean, and any ``extra``
+    per-row values (e.g. ``kl_per_sequence``)."""
+    real = rows.real.astype(np.float32)
+    count = np.float32(real.sum())
+    total = lambda x: (np.float32(np.sum(x * real)), count)
+    pairs = {
+        "score": total(score),
+        "score_sq": total(score**2),
+        "response_length": total(rows.arrays["response_mask"].sum(-1)),
+        "eos_rate": total(rows.arrays["finished"].astype(np.float32)),
+        **{name: total(values) for name, values in extra.items()},
+    }
+    pairs.update({name: (np.float32(value * count), count) for name, value in source_means.items()})
+    return pairs

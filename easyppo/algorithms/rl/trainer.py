@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from easyppo.algorithms import base
 from easyppo.algorithms.contract import MetricPairs, StepResult
 from easyppo.algorithms.rl import dynamic_sampling, forward, rollout, scoring
-from easyppo.algorithms.rl.host_rewards import HostRows, host_scores
+from easyppo.algorithms.rl.host_rewards import HostRows, held_out_pairs, host_scores
 from easyppo.algorithms.rl.options import RLOptions
 from easyppo.algorithms.rl.update import Optimizers, RLState, update
 from easyppo.core import ops, sharding
@@ -121,7 +121,7 @@ class RLTrainer:
         self._reward_model_score = jax.jit(
             lambda params, sampled: forward.sequence_scores(reward_model, params, scoring.sequences_of(sampled))
         )
-        self._eval_judge = jax.jit(self._eval_judge_impl, out_shardings=self._replicated)
+        self._eval_judge = jax.jit(self._eval_judge_impl)
         self._eval_samples = 1 if not o.uses_critic and self.eval_sampling.greedy else o.samples_per_prompt
 
     # ------------------------------------------------------------------------------------ state
@@ -159,7 +159,7 @@ class RLTrainer:
     def train_step(self, state: RLState, batch: Mapping[str, jax.Array], rng: jax.Array, *, step: int) -> StepResult:
         """One iteration; ``step`` (iterations done before it, known on the host) picks the value warm-up."""
         o = self.options
-        train_policy = step + 1 > getattr(o, "value_warmup_steps", 0)
+        train_policy = step + 1 > o.value_warmup_steps
         with jax.set_mesh(self.mesh):
             sampled = self.rollout(
                 state.params,
@@ -168,7 +168,7 @@ class RLTrainer:
                 sampling=self.sampling,
                 samples_per_prompt=o.samples_per_prompt,
             )
-            if getattr(o, "dynamic_sampling", False):
+            if o.dynamic_sampling:
                 sampled, rewards, host_metrics = self._dynamic_sampling(state, batch, sampled, rng, step)
                 judged = self.judge(state.params, state.value_params, self.frozen, sampled)
             else:
@@ -295,9 +295,6 @@ class RLTrainer:
                 chunk_size=self.options.logprob_chunk_size,
             )
             out["kl"] = jnp.sum(ops.kl_estimate(sampled.sampler_logprobs, reference, "k1") * mask, axis=-1)
-        out["length"] = jnp.sum(mask, axis=-1)
-        out["finished"] = sampled.finished.astype(jnp.float32)
-        out["row_mask"] = sampled.row_mask
         return out
 
     def eval_step(self, state: RLState, batch) -> MetricPairs:
@@ -318,21 +315,9 @@ class RLTrainer:
                 tokenizer=self.tokenizer,
                 answers_of=(self.eval_batcher or self.train_batcher).answers,
             )
-        host = jax.tree.map(np.asarray, jax.device_get(judged))
-        real = host["row_mask"]
-        count = np.float32(real.sum())
+        host = jax.tree.map(np.asarray, multihost_utils.process_allgather(judged, tiled=True))
         score = rewards + np.float32(self.sources.reward_model_weight) * host.get("reward_model", 0.0)
-        total = lambda x: (np.float32(np.sum(x * real)), count)
-        pairs = {
-            "score": total(score),
-            "score_sq": total(score**2),
-            "response_length": total(host["length"]),
-            "eos_rate": total(host["finished"]),
-        }
-        if "kl" in host:
-            pairs["kl_per_sequence"] = total(host["kl"])
-        pairs.update({name: (np.float32(value * count), count) for name, value in means.items()})
-        return pairs
+        return held_out_pairs(rows, score, means, **({"kl_per_sequence": host["kl"]} if "kl" in host else {}))
 
     def finalize_metrics(self, means: dict[str, float]) -> dict[str, float]:
         return finalize_score_metrics(means)
