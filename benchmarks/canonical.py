@@ -31,10 +31,8 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import pathlib
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -50,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from easyppo.configs.common import DEMO_DATA
 from easyppo.core import sharding
 from easyppo.data import pipeline
@@ -294,6 +293,7 @@ def run_ppo(args: argparse.Namespace, models: dict[str, str], root: pathlib.Path
 
 
 def summarize(times: Sequence[float]) -> dict[str, Any]:
+    """The harness's timing fields (``_jax_common.summarize``: with the mean, the count and every sample)."""
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
@@ -302,16 +302,6 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
         "n": len(times),
         "all_s": [round(t, 6) for t in times],
     }
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return info
 
 
 def versions() -> dict[str, str | None]:
@@ -335,14 +325,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "workload": args.workload,
         "tag": args.tag,
         **measured,
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_rss_mib": round(common.process_max_rss_bytes() / 2**20, 1),
         "config": dict(vars(args)),
         "script": "benchmarks/canonical.py",
-        "load_average": list(os.getloadavg()),
+        "load_average": common.load_average(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
         "versions": versions(),
-        "machine": machine_info(),
+        "machine": common.machine_info(),
     }
     print(json.dumps(result), flush=True)
     return result
