@@ -68,6 +68,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--workload", required=True, choices=["dpo", "rm", "ppo"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (variant)")
     p.add_argument("--reference", default="on_the_fly", choices=["on_the_fly", "precomputed"], help="dpo only")
+    p.add_argument(
+        "--loss-window-buckets", type=int, default=4, help="data.loss_window_buckets (1: LM head over every position)"
+    )
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--intermediate-size", type=int, default=688)
@@ -138,6 +141,7 @@ def configure(config, args: argparse.Namespace, models: dict[str, str], root: pa
     config.data.cache_dir = str(root / "cache")
     config.data.max_prompt_len = args.prompt_len
     config.data.max_seq_len = args.prompt_len + args.response_len + (1 if args.workload == "ppo" else 0)
+    config.data.loss_window_buckets = args.loss_window_buckets
     config.train.num_steps = steps
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
 
@@ -161,7 +165,10 @@ def pair_dataset(args: argparse.Namespace, rows: int, config) -> pipeline.Prepar
     )
     stats = pipeline.DataStats(rows, 0, {}, 0, 0, rows, False)
     return pipeline.PreparedData(
-        ExampleBatcher(table, settings, pad_id=0), f"canonical-{args.seed}-{rows}", stats, settings
+        ExampleBatcher(table, settings, pad_id=0, loss_window_buckets=args.loss_window_buckets),
+        f"canonical-{args.seed}-{rows}",
+        stats,
+        settings,
     )
 
 
@@ -197,6 +204,7 @@ def run_steps(args: argparse.Namespace, models: dict[str, str], root: pathlib.Pa
         for v, on in (
             ("precomputed reference", args.reference != "on_the_fly"),
             ("bf16 compute", args.dtype != "float32"),
+            ("LM head over every position", args.loss_window_buckets == 1),
         )
         if on
     ]

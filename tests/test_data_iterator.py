@@ -13,7 +13,8 @@ from easyppo.data.errors import DataConfigError
 from easyppo.data.iterator import BatchIterator, epoch_order
 
 
-def positions_batch(positions, example_mask):
+def positions_batch(positions, example_mask, *, batch_positions=None):
+    del batch_positions
     return {"rows": np.asarray(positions), "example_mask": np.asarray(example_mask)}
 
 

@@ -202,6 +202,9 @@ def test_sft_and_prompt_kinds_build_their_own_batch_keys(tmp_path, tokenizer_pat
         "attention_mask",
         "loss_mask",
         "position_ids",
+        "window_start",
+        "window_targets",
+        "window_mask",
         "example_mask",
         "example_index",
     }

@@ -16,7 +16,7 @@ from helpers.demo_data import DEMO_DATA, first_rows
 
 from easyppo.algorithms import dpo, dpo_reference, reference_cache
 from easyppo.core import sharding
-from easyppo.data import pipeline
+from easyppo.data import pipeline, windows
 from easyppo.models import llama
 from easyppo.run import config as run_config
 from easyppo.run import loop
@@ -193,14 +193,29 @@ def two_models():
     return module, init(jax.random.key(0)), init(jax.random.key(1))
 
 
+def with_loss_windows(batch):
+    """The batch with the narrowest loss windows that cover both sides' responses (as the batcher adds)."""
+    spans = [
+        windows.ragged_spans(mask.ravel(), np.arange(0, mask.size + 1, mask.shape[1]))
+        for mask in (batch["chosen_loss_mask"], batch["rejected_loss_mask"])
+    ]
+    width = int(np.max(spans))
+    assert width < batch["chosen_input_ids"].shape[1]
+    out = dict(batch)
+    for side in ("chosen", "rejected"):
+        out.update(windows.target_window(batch[f"{side}_input_ids"], batch[f"{side}_loss_mask"], width, f"{side}_"))
+    return out
+
+
+@pytest.mark.parametrize("windowed", [False, True], ids=["full_width", "loss_windows"])
 @pytest.mark.parametrize("length_normalize", [False, True], ids=["summed", "length_normalised"])
-def test_loss_fn_matches_numpy_dpo_on_full_softmax_logprobs(two_models, length_normalize):
+def test_loss_fn_matches_numpy_dpo_on_full_softmax_logprobs(two_models, length_normalize, windowed):
     module, policy_params, reference_params = two_models
     beta = 0.5
     loss_fn = dpo_loss_fn(
         module, dpo_options(beta=beta, length_normalize=length_normalize), reference_model=(module, TINY)
     )
-    batch = random_pair_batch(0)
+    batch = with_loss_windows(random_pair_batch(0)) if windowed else random_pair_batch(0)
     frozen = {"reference_params": reference_params}
     loss_sum, metrics = jax.jit(loss_fn)(policy_params, frozen, batch, jax.random.key(0))
 

@@ -48,11 +48,18 @@ def response_logprobs(
 
     Both sides run through the model as one [2B, T] batch.
     """
-    input_ids, attention_mask, position_ids, loss_mask = (
-        _interleave_pairs(batch, name) for name in ("input_ids", "attention_mask", "position_ids", "loss_mask")
-    )
+    names = ["input_ids", "attention_mask", "position_ids", "loss_mask"]
+    names += [name for name in ("window_start", "window_targets", "window_mask") if f"chosen_{name}" in batch]
+    pairs = {name: _interleave_pairs(batch, name) for name in names}
     logprobs, mask = sequence_logprobs(
-        module, model_config, params, input_ids, attention_mask, position_ids, loss_mask, chunk_size=chunk_size
+        module,
+        model_config,
+        params,
+        pairs["input_ids"],
+        pairs["attention_mask"],
+        pairs["position_ids"],
+        ops.target_window(pairs),
+        chunk_size=chunk_size,
     )
     sums = ops.masked_sum(logprobs, mask, axis=-1)
     counts = ops.masked_count(logprobs, mask, axis=-1)

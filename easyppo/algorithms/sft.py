@@ -37,18 +37,17 @@ def sequence_logprobs(
     input_ids,
     attention_mask,
     position_ids,
-    loss_mask,
+    window: ops.TargetWindow,
     *,
     chunk_size: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-token log-probs [B, T] of ``input_ids`` where ``loss_mask`` is set, and that mask shifted.
+    """Per-token log-probs [B, W] at the positions of ``window`` (``ops.target_window``), and its mask.
 
-    Position t of the result scores token t + 1; the returned mask marks the scored positions.
+    The trunk runs over all T columns; the LM head only over the window's W.
     """
     hidden = module.apply({"params": params}, input_ids, attention_mask, position_ids, method="hidden_states")
-    targets, target_mask = ops.shift_for_next_token(input_ids, loss_mask)
-    logprobs = ops.token_logprobs(hidden, llama.output_embedding(params, model_config), targets, chunk_size=chunk_size)
-    return logprobs, target_mask
+    head = llama.output_embedding(params, model_config)
+    return ops.window_logprobs(hidden, head, window, chunk_size=chunk_size), window.mask
 
 
 def make_loss_fn(module, model_config: llama.LlamaConfig, options: SFTOptions) -> base.LossFn:
@@ -63,7 +62,7 @@ def make_loss_fn(module, model_config: llama.LlamaConfig, options: SFTOptions) -
             batch["input_ids"],
             batch["attention_mask"],
             batch["position_ids"],
-            batch["loss_mask"],
+            ops.target_window(batch),
             chunk_size=chunk_size,
         )
         nll_sum = -ops.masked_sum(logprobs, mask)

@@ -9,7 +9,8 @@ array means over the global batch, across devices and hosts.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,38 @@ def shift_for_next_token(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[ja
     targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
     target_mask = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1)))
     return targets, target_mask
+
+
+class TargetWindow(NamedTuple):
+    """The W consecutive target positions of each row that a loss reads (see easyppo.data.windows).
+
+    ``start`` [B] is the first position, ``targets`` [B, W] the ids they predict and ``mask`` [B, W] 1
+    where a position is scored. W is a static shape: the LM head projects only these positions.
+    """
+
+    start: jax.Array
+    targets: jax.Array
+    mask: jax.Array
+
+
+def target_window(batch: Mapping[str, jax.Array], prefix: str = "") -> TargetWindow:
+    """The batch's ``{prefix}window_*`` arrays, or, for a batch made without them, the full width
+    (every position, from ``{prefix}input_ids`` and ``{prefix}loss_mask``)."""
+    if f"{prefix}window_targets" in batch:
+        return TargetWindow(*(batch[f"{prefix}window_{name}"] for name in ("start", "targets", "mask")))
+    targets, mask = shift_for_next_token(batch[f"{prefix}input_ids"], batch[f"{prefix}loss_mask"])
+    return TargetWindow(jnp.zeros(targets.shape[:1], jnp.int32), targets, mask)
+
+
+def window_logprobs(hidden: jax.Array, output_embedding: jax.Array, window: TargetWindow, *, chunk_size: int) -> jax.Array:
+    """log p(target) [B, W] at the window's positions of hidden states [B, T, D]: only W of the T
+    positions are projected onto the vocabulary."""
+    width = window.targets.shape[1]
+    if width != hidden.shape[1]:
+        hidden = jax.vmap(lambda row, start: jax.lax.dynamic_slice_in_dim(row, start, width, axis=0))(
+            hidden, window.start.astype(jnp.int32)
+        )
+    return token_logprobs(hidden, output_embedding, window.targets, chunk_size=chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------

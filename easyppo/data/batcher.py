@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from easyppo.data import windows
 from easyppo.data.examples import ExampleSettings
 
 
@@ -28,22 +29,37 @@ class ExampleBatcher:
       ``example_index`` ``[B]``, each row's position in this batcher (``0 .. len(self) - 1``), which
       identifies the row across epochs and runs, e.g. to look up values precomputed per row (DPO's
       reference log-probs). Filler rows repeat a real row's index and must be ignored by their mask.
+    * sft and preference: the loss window of each sequence (``window_start``, ``window_targets``,
+      ``window_mask``; ``chosen_`` / ``rejected_`` prefixed for pairs, one width for both sides), the
+      only target positions the loss reads; see :mod:`easyppo.data.windows`.
 
     ``loss_mask[t] = 1`` marks tokens the model is trained to *predict* (assistant content and its
     end-of-turn token), aligned with ``input_ids``: the loss at ``t`` uses the logits at ``t - 1``.
     Position ids count real tokens from 0 (``cumsum(attention_mask) - 1``) and are 0 on padding.
     """
 
-    def __init__(self, tokenized, settings: ExampleSettings, *, pad_id: int, rows: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        tokenized,
+        settings: ExampleSettings,
+        *,
+        pad_id: int,
+        rows: np.ndarray | None = None,
+        loss_window_buckets: int = 1,
+    ) -> None:
         """
         Args:
           tokenized: the ``datasets.Dataset`` from :func:`tokenize_records`.
           settings: the settings it was tokenised with (widths come from here).
           pad_id: token id written into padding positions.
           rows: indices of the usable rows (status OK or TRUNCATED); batch positions index this.
+          loss_window_buckets: how many loss-window widths a run may use (1: the full width).
         """
         self.settings = settings
         self.pad_id = pad_id
+        self.window_widths = (
+            windows.window_widths(settings.max_seq_len, loss_window_buckets) if settings.kind != "prompt" else ()
+        )
         self._table = tokenized.data.table
         self.rows = np.arange(self._table.num_rows) if rows is None else np.asarray(rows, dtype=np.int64)
 
@@ -55,16 +71,40 @@ class ExampleBatcher:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __call__(self, positions: np.ndarray, example_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch made of usable rows ``positions`` (indices into ``self.rows``)."""
+    def __call__(
+        self, positions: np.ndarray, example_mask: np.ndarray, *, batch_positions: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """The batch made of usable rows ``positions`` (indices into ``self.rows``).
+
+        ``batch_positions``: every row of the global batch this host's ``positions`` belong to (all
+        hosts pass the same), which sizes the loss window so that every host builds the same shapes;
+        None: ``positions`` alone.
+        """
         make = {"sft": self._sft, "preference": self._preference, "prompt": self._prompt}[self.settings.kind]
         batch = make(self.rows[np.asarray(positions, dtype=np.int64)])
         example_mask = np.asarray(example_mask, dtype=np.int32)
         for key in [k for k in batch if k.endswith("loss_mask")]:
             batch[key] = batch[key] * example_mask[:, None]
+        if self.window_widths:
+            width = self.loss_window_width(positions if batch_positions is None else batch_positions)
+            prefixes = ("",) if self.settings.kind == "sft" else ("chosen_", "rejected_")
+            for prefix in prefixes:
+                batch.update(
+                    windows.target_window(batch[f"{prefix}input_ids"], batch[f"{prefix}loss_mask"], width, prefix)
+                )
         batch["example_mask"] = example_mask
         batch["example_index"] = np.asarray(positions, dtype=np.int32)
         return batch
+
+    def loss_window_width(self, positions: np.ndarray) -> int:
+        """The loss-window width of a batch of usable rows ``positions``: the smallest allowed width
+        that covers every row's scored tokens (both responses of a pair)."""
+        rows = self.rows[np.asarray(positions, dtype=np.int64)]
+        if self.settings.kind == "sft":
+            spans = windows.ragged_spans(*self._ragged("loss_mask", rows))
+        else:
+            spans = np.maximum(*(np.diff(self._ragged(f"{side}_ids", rows)[1]) for side in ("chosen", "rejected")))
+        return windows.pick_width(spans, self.window_widths)
 
     def answers(self, positions: Sequence[int] | np.ndarray) -> list[str | None]:
         """The ground-truth ``answer`` of prompt rows at batch ``positions`` (None where a row has none).

@@ -25,8 +25,10 @@ from easyppo.data.errors import DataConfigError
 
 STATE_VERSION = 1
 
-#: ``make_batch(positions, example_mask) -> dict of arrays``; positions index ``range(num_rows)``.
-MakeBatch = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+#: ``make_batch(positions, example_mask, *, batch_positions) -> dict of arrays``: this host's rows of
+#: a global batch; ``batch_positions`` are the rows of the whole global batch (the same on every host,
+#: for decisions all hosts must agree on, such as padded widths). Positions index ``range(num_rows)``.
+MakeBatch = Callable[..., dict[str, np.ndarray]]
 
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
@@ -140,7 +142,7 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             raise StopIteration
         positions, example_mask = self.global_batch_positions(self._epoch, self._batch)
         host = slice(self.process_index * self.per_host_batch_size, (self.process_index + 1) * self.per_host_batch_size)
-        batch = self._make_batch(positions[host], example_mask[host])
+        batch = self._make_batch(positions[host], example_mask[host], batch_positions=positions)
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0

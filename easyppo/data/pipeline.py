@@ -65,6 +65,9 @@ def default_config() -> config_dict.ConfigDict:
     c.max_prompt_len = 512  # Prompt budget; padded width of "prompt" rows. None: max_seq_len - 1.
     c.max_response_len = config_dict.placeholder(int)  # None: whatever fits in max_seq_len.
     c.truncation = "truncate"  # Over-long rows: "truncate" | "drop" | "error".
+    # sft / preference: the LM head scores only a window of the row, one of this many widths, picked
+    # per batch (one compiled step per width; 1: the full max_seq_len). See easyppo/data/windows.py.
+    c.loss_window_buckets = 4
     # Bad rows.
     c.on_bad_row = "error"  # "error": raise listing them; "skip": skip and count them.
     c.max_bad_fraction = 0.01  # With "skip": abort if more than this fraction of rows is bad.
@@ -139,6 +142,8 @@ def check_policy(config: config_dict.ConfigDict) -> None:
         raise DataConfigError("max_bad_fraction", f"must be between 0 and 1, got {config.max_bad_fraction}")
     if config.num_proc < 1:
         raise DataConfigError("num_proc", f"must be at least 1, got {config.num_proc}")
+    if config.loss_window_buckets < 1:
+        raise DataConfigError("loss_window_buckets", f"must be at least 1, got {config.loss_window_buckets}")
 
 
 def enforce_bad_row_policy(errors: list[RowError], num_rows: int, *, on_bad_row: str, max_bad_fraction: float) -> None:
@@ -230,7 +235,9 @@ def prepare_data(config: config_dict.ConfigDict, *, tokenizer=None, chat_format=
             f"(data.truncation='drop') and {stats.rows_bad} are malformed"
         )
         raise BadRowsError(errors, validated.num_read, headline=headline)
-    batcher = ExampleBatcher(tokenized, settings, pad_id=tokenizer.pad_id, rows=usable)
+    batcher = ExampleBatcher(
+        tokenized, settings, pad_id=tokenizer.pad_id, rows=usable, loss_window_buckets=config.loss_window_buckets
+    )
     return PreparedData(batcher=batcher, fingerprint=fingerprint, stats=stats, settings=settings)
 
 
