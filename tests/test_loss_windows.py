@@ -67,7 +67,7 @@ def test_a_window_holds_every_scored_target_of_its_row(seed):
     full_targets, full_mask = (np.asarray(x) for x in ops.shift_for_next_token(ids, loss))
     for row in range(len(ids)):
         columns = window["window_start"][row] + np.arange(width)
-        assert 0 <= columns[0] and columns[-1] < ids.shape[1]
+        assert columns[0] >= 0 and columns[-1] < ids.shape[1]
         np.testing.assert_array_equal(window["window_targets"][row], full_targets[row, columns])
         np.testing.assert_array_equal(window["window_mask"][row], full_mask[row, columns])
         assert window["window_mask"][row].sum() == full_mask[row].sum()

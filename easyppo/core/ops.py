@@ -81,7 +81,9 @@ def target_window(batch: Mapping[str, jax.Array], prefix: str = "") -> TargetWin
     return TargetWindow(jnp.zeros(targets.shape[:1], jnp.int32), targets, mask)
 
 
-def window_logprobs(hidden: jax.Array, output_embedding: jax.Array, window: TargetWindow, *, chunk_size: int) -> jax.Array:
+def window_logprobs(
+    hidden: jax.Array, output_embedding: jax.Array, window: TargetWindow, *, chunk_size: int
+) -> jax.Array:
     """log p(target) [B, W] at the window's positions of hidden states [B, T, D]: only W of the T
     positions are projected onto the vocabulary."""
     width = window.targets.shape[1]
