@@ -71,6 +71,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--loss-window-buckets", type=int, default=4, help="data.loss_window_buckets (1: LM head over every position)"
     )
+    p.add_argument("--fuse-projections", type=int, default=0, choices=[0, 1], help="model.fuse_projections")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--intermediate-size", type=int, default=688)
@@ -131,6 +132,7 @@ def configure(config, args: argparse.Namespace, models: dict[str, str], root: pa
     config.output_dir = str(root / "run")
     config.model.init_from = models["reward" if args.workload == "rm" else "causal_lm"]
     config.model.dtype = args.dtype
+    config.model.fuse_projections = bool(args.fuse_projections)
     optimizers = [config.optim] + ([config.ppo.value_optim] if args.workload == "ppo" else [])
     for optim in optimizers:
         optim.learning_rate, optim.schedule = 1e-6, "constant"

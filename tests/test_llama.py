@@ -117,6 +117,23 @@ def test_remat_changes_neither_outputs_nor_gradients(remat, scan_layers):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain_grads, remat_grads)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_fused_projections_keep_the_parameters_outputs_and_gradients(scan_layers):
+    plain = TINY.replace(scan_layers=scan_layers, num_key_value_heads=2)  # GQA: q wider than k and v
+    fused = plain.replace(fuse_projections=True)
+    params = _params(plain)
+    assert jax.tree.map(jnp.shape, _params(fused)) == jax.tree.map(jnp.shape, params)
+    ids = _random_tokens(9, (2, 6))
+
+    def loss(config, p):
+        return jnp.mean(llama.make_model(config).apply({"params": p}, ids) ** 2)
+
+    plain_loss, plain_grads = jax.jit(jax.value_and_grad(lambda p: loss(plain, p)))(params)
+    fused_loss, fused_grads = jax.jit(jax.value_and_grad(lambda p: loss(fused, p)))(params)
+    np.testing.assert_allclose(plain_loss, fused_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain_grads, fused_grads)
+
+
 def test_reward_is_the_value_at_the_last_real_token_for_either_padding_side():
     reward_model = llama.make_model(TINY, "reward")
     value_model = llama.make_model(TINY, "value")

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from easyppo.core.sharding import BATCH_AXES, constrain
 from easyppo.models.llama_config import PRESETS, REMAT_POLICIES, LlamaConfig, RopeScaling, get_preset
 from easyppo.models.positions import KVCache, apply_rope, init_cache, rope_inverse_frequencies
+from easyppo.models.projections import dense, projections
 
 __all__ = [  # re-exported: the model's config, positions and cache
     "PRESETS",
@@ -46,17 +47,6 @@ __all__ = [  # re-exported: the model's config, positions and cache
 ]  # re-exported: the model's config
 
 # ------------------------------------------------------------------------------------------ modules
-
-
-def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=False,
-        dtype=config.compute_dtype,
-        param_dtype=config.weight_dtype,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        name=name,
-    )
 
 
 class RMSNorm(nn.Module):
@@ -102,9 +92,12 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, mask, stacked_cache, layer, cache_index):
         cfg = self.config
         batch, length, _ = x.shape
-        q = _dense(cfg, cfg.num_attention_heads * cfg.head_dim, "q_proj")(x)
-        k = _dense(cfg, cfg.num_key_value_heads * cfg.head_dim, "k_proj")(x)
-        v = _dense(cfg, cfg.num_key_value_heads * cfg.head_dim, "v_proj")(x)
+        kv_features = cfg.num_key_value_heads * cfg.head_dim
+        q, k, v = projections(
+            cfg,
+            x,
+            (("q_proj", cfg.num_attention_heads * cfg.head_dim), ("k_proj", kv_features), ("v_proj", kv_features)),
+        )
         q = q.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
@@ -124,7 +117,7 @@ class LlamaAttention(nn.Module):
             q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0 / math.sqrt(cfg.head_dim)
         )
         out = out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim)
-        return _dense(cfg, cfg.hidden_size, "o_proj")(out), stacked_cache
+        return dense(cfg, cfg.hidden_size, "o_proj")(out), stacked_cache
 
 
 class LlamaMLP(nn.Module):
@@ -133,9 +126,8 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+        gate, up = projections(cfg, x, (("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)))
+        return dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):

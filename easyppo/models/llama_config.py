@@ -86,6 +86,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    fuse_projections: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

@@ -147,6 +147,7 @@ def load_hf(
     dtype: str = "float32",
     scan_layers: bool = False,
     remat: str = "none",
+    fuse_projections: bool = False,
     shardings: PyTree | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: sharding_lib.PartitionRules | None = None,
@@ -178,7 +179,7 @@ def load_hf(
             dtype=dtype,
             scan_layers=scan_layers,
             remat=remat,
-        )
+        ).replace(fuse_projections=fuse_projections)
         shardings = _resolve_shardings(hf_mapping.abstract_params(config, kind), shardings, mesh, rules)
         params = _read_params(checkpoint, config, kind, shardings)
     return config, make_model(config, kind), params

@@ -24,7 +24,7 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from easyppo.core import sharding
+from easyppo.core import precision, sharding
 from easyppo.models import llama, partitioning
 from easyppo.weights import hf_mapping, huggingface, model_checkpoint, run_directory
 
@@ -50,10 +50,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.preset = "tiny"  # Architecture for random init (see easyppo.models.llama.PRESETS).
     for name in ARCHITECTURE_OVERRIDES:  # Optional changes to the preset (random init only).
         setattr(c, name, config_dict.placeholder(bool if name == "tie_word_embeddings" else int))
-    c.dtype = "float32"  # Compute dtype ("bfloat16" on accelerators).
+    c.dtype = "float32"  # Compute dtype; "auto": bfloat16 on TPU, GPU and AMX CPUs, else float32.
     c.param_dtype = "float32"  # Master weights and optimizer state.
     c.remat = "none"  # One of easyppo.models.llama.REMAT_POLICIES.
     c.scan_layers = False  # nn.scan over layers: compile time independent of depth.
+    c.fuse_projections = False  # QKV and gate/up as one matmul each (same parameters).
     return c
 
 
@@ -76,7 +77,13 @@ def frozen_config(cfg: ml_collections.ConfigDict, init_from: str = "") -> ml_col
 
 
 def _compute_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
+    return dict(
+        dtype=precision.resolve_dtype(cfg.dtype),
+        param_dtype=cfg.param_dtype,
+        remat=cfg.remat,
+        scan_layers=cfg.scan_layers,
+        fuse_projections=cfg.fuse_projections,
+    )
 
 
 def resolve_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
