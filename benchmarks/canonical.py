@@ -72,6 +72,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--loss-window-buckets", type=int, default=4, help="data.loss_window_buckets (1: LM head over every position)"
     )
     p.add_argument("--fuse-projections", type=int, default=0, choices=[0, 1], help="model.fuse_projections")
+    p.add_argument(
+        "--old-logprobs", default="recompute", choices=["recompute", "sampler"], help="ppo only: ppo.old_logprobs"
+    )
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--intermediate-size", type=int, default=688)
@@ -236,6 +239,7 @@ def run_ppo(args: argparse.Namespace, models: dict[str, str], root: pathlib.Path
     o.sampling.stop_at_eos, o.kl_coef, o.kl_estimator = False, 0.05, "k1"
     o.gamma, o.lam, o.ppo_epochs, o.num_minibatches = 1.0, 0.95, 1, 1
     o.clip_ratio, o.value_clip, o.vf_coef, o.entropy_coef = 0.2, 0.2, 0.1, 0.0
+    o.old_logprobs = args.old_logprobs
     run_config.validate(config, num_devices=jax.device_count())
     start = time.perf_counter()
     mesh = sharding.make_mesh(config.mesh)
@@ -267,7 +271,15 @@ def run_ppo(args: argparse.Namespace, models: dict[str, str], root: pathlib.Path
             t_score = time.perf_counter()
             zeros = jnp.zeros(sampled.row_mask.shape, jnp.float32)
             scored = jax.block_until_ready(
-                trainer.score(state.params, state.value_params, state.kl_coef, trainer.frozen, sampled, zeros)
+                trainer.score(
+                    state.params,
+                    state.value_params,
+                    state.kl_coef,
+                    trainer.frozen,
+                    sampled,
+                    zeros,
+                    recompute_policy=args.old_logprobs == "recompute",
+                )
             )
             t_update = time.perf_counter()
             state, metrics = jax.block_until_ready(
@@ -285,7 +297,15 @@ def run_ppo(args: argparse.Namespace, models: dict[str, str], root: pathlib.Path
                 raise RuntimeError("a row stopped early: the workload must generate every token")
     s = {name: summarize(values[args.warmup_steps :]) for name, values in phases.items()}
     return {
-        "variant": "bf16 compute" if args.dtype != "float32" else "canonical",
+        "variant": ", ".join(
+            v
+            for v, on in (
+                ("bf16 compute", args.dtype != "float32"),
+                ("sampler log-probs", args.old_logprobs == "sampler"),
+            )
+            if on
+        )
+        or "canonical",
         "iter_time_median_s": s["iter"]["median_s"],
         "gen_time_median_s": s["gen"]["median_s"],
         "score_time_median_s": s["score"]["median_s"],

@@ -3,12 +3,15 @@ exact resume, a low-precision sampler with importance correction, and the up-fro
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
 from helpers.grpo_runs import tiny_grpo_config
 from helpers.ppo_runs import TINY, metric_rows
 
+from easyppo.algorithms.rl import scoring
 from easyppo.core import sharding
 from easyppo.data import pipeline
 from easyppo.models import llama
@@ -99,6 +102,66 @@ def test_scoring_at_the_sampling_temperature_matches_the_samplers_tempered_log_p
     # Either way the trainer scores the distribution whose log-probs the sampler stored.
     assert tempered["logprob_gap"] < 1e-4 and raw["logprob_gap"] < 1e-4
     assert tempered["entropy"] < raw["entropy"]  # T = 0.7 sharpens every predictive distribution
+
+
+def test_sampler_log_probs_as_old_log_probs_give_the_recomputed_update(tmp_path):
+    config = tiny_grpo_config(tmp_path)
+    recompute_result, recomputed = _step_metrics(*_trainer(config))
+    config.grpo.old_logprobs = "sampler"
+    trainer, batch = _trainer(config)
+    sampler_result, reused = _step_metrics(trainer, batch)
+    # Same weights, same precision: the sampler's log-probs are the scoring pass's to float rounding,
+    # so the loss and its gradient agree. (Not the parameters element by element: Adam's first step is
+    # lr * sign(gradient), which rounding may flip where a gradient is ~0.)
+    assert reused["logprob_gap"] < 1e-5
+    grad_norms = sorted(name for name in recomputed if "grad_norm" in name)
+    assert grad_norms
+    for name in ["policy_loss", "score", "advantage_mean", *grad_norms]:
+        assert reused[name] == pytest.approx(recomputed[name], rel=1e-4, abs=1e-6), name
+    assert not bool(sampler_result.skipped) and not bool(recompute_result.skipped)
+
+
+def test_sampler_log_probs_skip_the_scoring_pass_between_mismatch_checks(tmp_path):
+    config = tiny_grpo_config(tmp_path)
+    config.grpo.old_logprobs = "sampler"
+    config.grpo.mismatch_check_every = 2
+    trainer, batch = _trainer(config)
+    passes = []
+    original = scoring.judge
+
+    def counting_judge(*args, recompute_policy=True, **kwargs):
+        passes.append(recompute_policy)
+        return original(*args, recompute_policy=recompute_policy, **kwargs)
+
+    state = trainer.init_state()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scoring, "judge", counting_judge)
+        trainer.judge = jax.jit(
+            functools.partial(scoring.judge, models=trainer.models, options=trainer.options),
+            static_argnames=("recompute_policy",),
+        )
+        for step in range(3):
+            result = trainer.train_step(state, batch, jax.random.key(step), step=step)
+            state = result.state
+            metrics = jax.device_get(result.metrics)
+            assert "logprob_gap" in metrics  # the latest measurement, reported every iteration
+            assert ("entropy" in metrics) == (step % 2 == 0)
+    assert passes == [True, False]  # traced once per variant: checks at steps 0 and 2, none at 1
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"rollout_dtype": "bfloat16"}, "the policy's precision"),
+        ({"importance_correction": "tis"}, "no mismatch to correct"),
+    ],
+)
+def test_sampler_log_probs_are_refused_where_sampler_and_trainer_differ(tmp_path, changes, message):
+    config = tiny_grpo_config(tmp_path)
+    config.grpo.old_logprobs = "sampler"
+    config.grpo.update(changes)
+    with pytest.raises(ValueError, match=rf"grpo.old_logprobs: .*{message}"):
+        run_config.validate(config, num_devices=1)
 
 
 def test_answer_checking_rewards_refuse_prompts_without_answers_before_compiling(tmp_path):

@@ -22,6 +22,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 IMPORTANCE_CORRECTIONS = ("none", "tis", "mask")
 LOGPROB_TEMPERATURES = ("one", "sampling")
 ROLLOUT_DTYPES = ("", "float32", "bfloat16", "float16")
+OLD_LOGPROBS = ("recompute", "sampler")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 
 
@@ -69,6 +70,11 @@ class RLOptions:
     logprob_temperature: str = option(
         "one", f"one of {LOGPROB_TEMPERATURES}: score log-probs at T=1 or at the sampler's T"
     )
+    old_logprobs: str = option(
+        "recompute",
+        f"one of {OLD_LOGPROBS}: the old log-probs from a scoring pass, or the sampler's own (same precision only)",
+    )
+    mismatch_check_every: int = option(10, "old_logprobs='sampler': run the scoring pass every this many iterations")
     # Evaluation on held-out prompts (eval.path).
     eval_greedy: bool = option(True, "greedy held-out responses (deterministic); False: the training sampler")
     logprob_chunk_size: int = option(256, "sequence positions per chunk of the vocabulary projection")
@@ -89,6 +95,7 @@ class RLOptions:
             ("importance_correction", IMPORTANCE_CORRECTIONS),
             ("logprob_temperature", LOGPROB_TEMPERATURES),
             ("rollout_dtype", ROLLOUT_DTYPES),
+            ("old_logprobs", OLD_LOGPROBS),
         ):
             require(getattr(self, key) in allowed, key, f"{getattr(self, key)!r} is not one of {allowed}")
         floats = ["kl_coef", "kl_loss_coef", "clip_ratio", "entropy_coef", "kl_target", "gamma", "importance_cap"]
@@ -116,6 +123,22 @@ class RLOptions:
         if self.missing_eos_penalty is not None:
             require_finite(self.missing_eos_penalty, "missing_eos_penalty")
         parse_reward_spec(self.rewards, key="rewards")  # a typo fails here, before anything loads
+        require(
+            self.mismatch_check_every >= 0, "mismatch_check_every", f"must be >= 0, got {self.mismatch_check_every}"
+        )
+        if self.old_logprobs == "sampler":
+            # The sampler's log-probs stand in for the trainer's only where both run the same weights in
+            # the same precision; otherwise the mismatch is real and must be scored (and corrected).
+            require(
+                self.rollout_dtype == "",
+                "old_logprobs",
+                f"'sampler' needs the sampler in the policy's precision (rollout_dtype='', got {self.rollout_dtype!r})",
+            )
+            require(
+                self.importance_correction == "none",
+                "old_logprobs",
+                f"'sampler' leaves no mismatch to correct (importance_correction={self.importance_correction!r})",
+            )
 
     @property
     def updates_per_step(self) -> int:

@@ -57,8 +57,9 @@ class Experience:
 class Judgement:
     """What the models say about a rollout, before any reward is combined (``judge``)."""
 
-    logprobs: jax.Array  # [R, N] the policy's, at the rollout's parameters
-    entropy: jax.Array  # [R, N]
+    logprobs: jax.Array  # [R, N] the old log-probs: the policy's at the rollout's parameters
+    recomputed: jax.Array | None  # [R, N] the trainer's own pass (= logprobs when recomputed); None: skipped
+    entropy: jax.Array | None  # [R, N]; None when the policy pass was skipped
     reference_logprobs: jax.Array | None  # [R, N]; None when no KL term needs the reference
     values: jax.Array | None  # [R, N]; None without a critic
     reward_model_score: jax.Array | None  # [R]; None when the reward model is not a reward source
@@ -90,23 +91,29 @@ def judge(
     *,
     models: forward.Models,
     options: RLOptions,
+    recompute_policy: bool = True,
 ) -> Judgement:
     """The policy's, the reference's, the critic's and the reward model's view of ``rollout``.
 
     ``frozen`` holds the frozen models' parameters (``{"reference": ..., "reward": ...}``, either may
-    be None when the run does not use it).
+    be None when the run does not use it). The old log-probs are the sampler's when
+    ``options.old_logprobs == "sampler"`` (same weights, same precision); ``recompute_policy`` then
+    says whether to run the policy anyway, to measure the sampler/trainer mismatch.
     """
     seqs = sequences_of(rollout)
     chunk, temperature = options.logprob_chunk_size, scoring_temperature(options)
-    logprobs, entropy = forward.response_logprobs(
-        models.policy,
-        policy_params,
-        seqs,
-        rollout.response_ids,
-        chunk_size=chunk,
-        with_entropy=True,
-        temperature=temperature,
-    )
+    recomputed = entropy = None
+    if recompute_policy or options.old_logprobs == "recompute":
+        recomputed, entropy = forward.response_logprobs(
+            models.policy,
+            policy_params,
+            seqs,
+            rollout.response_ids,
+            chunk_size=chunk,
+            with_entropy=True,
+            temperature=temperature,
+        )
+    logprobs = rollout.sampler_logprobs if options.old_logprobs == "sampler" else recomputed
     reference = None
     if frozen.get("reference") is not None:
         reference = forward.response_logprobs(
@@ -119,7 +126,12 @@ def judge(
     if frozen.get("reward") is not None:
         rm_score = forward.sequence_scores(models.reward, frozen["reward"], seqs)
     return Judgement(
-        logprobs=logprobs, entropy=entropy, reference_logprobs=reference, values=values, reward_model_score=rm_score
+        logprobs=logprobs,
+        recomputed=recomputed,
+        entropy=entropy,
+        reference_logprobs=reference,
+        values=values,
+        reward_model_score=rm_score,
     )
 
 
@@ -208,8 +220,6 @@ def _metrics(judged, rollout, raw_score, penalised, kl, rewards, non_score, esti
     num_rows = jnp.maximum(jnp.sum(rows), 1.0)
     row_mean = lambda x: jnp.sum(x * rows) / num_rows
     token_mean = lambda x: ops.masked_mean(x, mask)
-    gap = jnp.abs(rollout.sampler_logprobs - judged.logprobs)
-    log_ratio = judged.logprobs - rollout.sampler_logprobs
     finished = rollout.finished.astype(jnp.float32)
     metrics = {
         "score": row_mean(raw_score),
@@ -218,19 +228,17 @@ def _metrics(judged, rollout, raw_score, penalised, kl, rewards, non_score, esti
         "kl_coef": kl_coef,
         "non_score_reward": row_mean(jnp.sum(non_score, axis=-1)),
         "total_reward": row_mean(jnp.sum(rewards, axis=-1)),
-        "entropy": token_mean(judged.entropy),
         "response_length": row_mean(jnp.sum(mask, axis=-1)),
         "eos_rate": row_mean(finished),
         "truncation_rate": row_mean(1.0 - finished),
         "advantage_mean": token_mean(estimate.advantages),
-        # The sampler/trainer mismatch, whether or not it is corrected.
-        "logprob_gap": token_mean(gap),
-        "logprob_gap_max": jnp.max(jnp.where(mask > 0, gap, 0.0)),
-        "sampler_kl": token_mean(jnp.expm1(log_ratio) - log_ratio),  # k3 estimate of KL(sampler || trainer)
         "importance_weight": token_mean(correction.weights),
         "importance_ratio_max": jnp.max(jnp.where(mask > 0, correction.ratio, 0.0)),
         "importance_corrected_fraction": token_mean(correction.corrected),
     }
+    if judged.recomputed is not None:
+        metrics["entropy"] = token_mean(judged.entropy)
+        metrics.update(mismatch_metrics(rollout.sampler_logprobs, judged.recomputed, mask))
     if judged.reference_logprobs is not None:
         metrics["kl_per_token"] = token_mean(kl)
         metrics["kl_per_sequence"] = row_mean(jnp.sum(kl, axis=-1))
@@ -248,6 +256,20 @@ def _metrics(judged, rollout, raw_score, penalised, kl, rewards, non_score, esti
     return metrics
 
 
+MISMATCH_METRICS = ("logprob_gap", "logprob_gap_max", "sampler_kl")
+
+
+def mismatch_metrics(sampler_logprobs: jax.Array, trainer_logprobs: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """The sampler/trainer mismatch over the response tokens, whether or not it is corrected."""
+    gap = jnp.abs(sampler_logprobs - trainer_logprobs)
+    log_ratio = trainer_logprobs - sampler_logprobs
+    return {
+        "logprob_gap": ops.masked_mean(gap, mask),
+        "logprob_gap_max": jnp.max(jnp.where(mask > 0, gap, 0.0)),
+        "sampler_kl": ops.masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),  # k3 estimate of KL(sampler || trainer)
+    }
+
+
 def score(
     policy_params: PyTree,
     value_params: PyTree,
@@ -258,7 +280,10 @@ def score(
     *,
     models: forward.Models,
     options: RLOptions,
+    recompute_policy: bool = True,
 ) -> Scored:
     """``judge`` and ``assemble`` as one program."""
-    judged = judge(policy_params, value_params, frozen, rollout, models=models, options=options)
+    judged = judge(
+        policy_params, value_params, frozen, rollout, models=models, options=options, recompute_policy=recompute_policy
+    )
     return assemble(judged, rollout, host_scores, kl_coef, options=options)

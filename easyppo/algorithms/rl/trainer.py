@@ -102,9 +102,14 @@ class RLTrainer:
             ),
             static_argnames=("sampling", "samples_per_prompt"),
         )
-        self.judge = jax.jit(functools.partial(scoring.judge, models=self.models, options=o))
+        self.judge = jax.jit(
+            functools.partial(scoring.judge, models=self.models, options=o), static_argnames=("recompute_policy",)
+        )
+        self._last_mismatch: dict[str, jax.Array] = {}  # old_logprobs='sampler': the latest measurement
         self.assemble = jax.jit(functools.partial(scoring.assemble, options=o))
-        self.score = jax.jit(functools.partial(scoring.score, models=self.models, options=o))  # judge + assemble
+        self.score = jax.jit(  # judge + assemble
+            functools.partial(scoring.score, models=self.models, options=o), static_argnames=("recompute_policy",)
+        )
         self.update = jax.jit(
             functools.partial(
                 update,
@@ -168,14 +173,21 @@ class RLTrainer:
                 sampling=self.sampling,
                 samples_per_prompt=o.samples_per_prompt,
             )
+            recompute = o.old_logprobs == "recompute" or (
+                o.mismatch_check_every > 0 and step % o.mismatch_check_every == 0
+            )
             if o.dynamic_sampling:
                 sampled, rewards, host_metrics = self._dynamic_sampling(state, batch, sampled, rng, step)
-                judged = self.judge(state.params, state.value_params, self.frozen, sampled)
+                judged = self.judge(state.params, state.value_params, self.frozen, sampled, recompute_policy=recompute)
             else:
                 # Dispatched first: the device scores the rollout while the host computes rewards.
-                judged = self.judge(state.params, state.value_params, self.frozen, sampled)
+                judged = self.judge(state.params, state.value_params, self.frozen, sampled, recompute_policy=recompute)
                 rewards, host_metrics = self._host_rewards(sampled, batch["example_index"], self.train_batcher)
             scored = self.assemble(judged, sampled, sharding.global_rows(rewards, self.mesh), state.kl_coef)
+            if o.old_logprobs == "sampler":  # every iteration reports the latest measured mismatch
+                if recompute:
+                    self._last_mismatch = {k: scored.metrics[k] for k in scoring.MISMATCH_METRICS}
+                scored = scored._replace(metrics={**scored.metrics, **self._last_mismatch})
             state, update_metrics = self.update(
                 state,
                 scored.experience,
