@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import canonical_flops, common
 from easyppo.configs.common import DEMO_DATA
 from easyppo.core import sharding
 from easyppo.data import pipeline
@@ -322,6 +322,19 @@ def run_ppo(args: argparse.Namespace, models: dict[str, str], root: pathlib.Path
     }
 
 
+def utilisation(args: argparse.Namespace, measured: dict[str, Any]) -> dict[str, Any]:
+    """Model FLOPs per step (canonical_flops) and MFU against the matmul peak measured now, in this process."""
+    peak = common.matmul_peak("bfloat16" if args.dtype == "bfloat16" else "float32")
+    config = architecture(args)
+    if args.workload == "ppo":
+        flops = canonical_flops.ppo_iteration(config, args)
+        phases = {"iter": "total", "gen": "generation", "score": "scoring", "update": "update"}
+        mfu = {part: flops[part] / measured[f"{phase}_time_median_s"] / peak for phase, part in phases.items()}
+        return {"model_flops": flops, "matmul_peak_flops": peak, "mfu": mfu["total"], "mfu_by_phase": mfu}
+    flops = (canonical_flops.dpo_step if args.workload == "dpo" else canonical_flops.rm_step)(config, args)
+    return {"model_flops": flops, "matmul_peak_flops": peak, "mfu": flops / measured["step_time_median_s"] / peak}
+
+
 def summarize(times: Sequence[float]) -> dict[str, Any]:
     """The harness's timing fields (``_jax_common.summarize``: with the mean, the count and every sample)."""
     return {
@@ -350,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         root = pathlib.Path(tmp)
         models = save_models(args, root)
         measured = run_ppo(args, models, root) if args.workload == "ppo" else run_steps(args, models, root)
+    measured.update(utilisation(args, measured))
     result = {
         "library": "easyppo",
         "workload": args.workload,

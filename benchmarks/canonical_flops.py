@@ -1,0 +1,63 @@
+"""Model FLOPs of the canonical workloads (benchmarks/canonical.py), for MFU against the matmul peak.
+
+The same conventions as ``common.llama_train_step_flops``: 2 FLOPs per weight per token forward, 6
+forward + backward, attention over the full square of each sequence (forward 4 rows L H hd T^2).
+The LM head counts only at the positions whose log-probs are used (the responses): that is the
+useful work, whatever an implementation projects. Counted is the work each variant runs: the PPO
+scoring pass of the policy only when it is run (``old_logprobs="recompute"``), the DPO reference
+pass only when it is on the fly. Norms, softmax, the embedding gather, optimizer updates and any
+recomputation are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from benchmarks import common
+from easyppo.models import llama
+
+
+def _attention(config: llama.LlamaConfig, rows: int, query_len: int, key_len: int) -> float:
+    """Forward FLOPs of attention scores and weighted values: 4 rows L H hd q k."""
+    return 4.0 * rows * config.num_hidden_layers * config.num_attention_heads * config.head_dim * query_len * key_len
+
+
+def _pass(config: llama.LlamaConfig, *, rows: int, seq_len: int, head_positions: int, head: str, train: bool) -> float:
+    """A forward (or, ``train``, forward + backward) pass: trunk over every token, head where used."""
+    factor = 6.0 if train else 2.0
+    weights = common.matmul_params(config, head)
+    trunk = factor * rows * seq_len * weights["blocks"]
+    head_flops = factor * rows * head_positions * weights["head"]
+    return trunk + head_flops + (3.0 if train else 1.0) * _attention(config, rows, seq_len, seq_len)
+
+
+def dpo_step(config: llama.LlamaConfig, args: argparse.Namespace) -> float:
+    rows, seq_len = 2 * args.batch_pairs, args.prompt_len + args.response_len
+    flops = _pass(config, rows=rows, seq_len=seq_len, head_positions=args.response_len, head="lm", train=True)
+    if args.reference == "on_the_fly":
+        flops += _pass(config, rows=rows, seq_len=seq_len, head_positions=args.response_len, head="lm", train=False)
+    return flops
+
+
+def rm_step(config: llama.LlamaConfig, args: argparse.Namespace) -> float:
+    rows, seq_len = 2 * args.batch_pairs, args.prompt_len + args.response_len
+    return _pass(config, rows=rows, seq_len=seq_len, head_positions=1, head="score", train=True)
+
+
+def ppo_iteration(config: llama.LlamaConfig, args: argparse.Namespace) -> dict[str, float]:
+    """FLOPs of generation, scoring and the update of one PPO iteration (and their total)."""
+    n, prompt, new = args.num_prompts, args.prompt_len, args.response_len
+    seq_len = prompt + new
+    blocks = common.matmul_params(config, "lm")["blocks"]
+    lm_head = common.matmul_params(config, "lm")["head"]
+    # Prefill over the prompt, then one token at a time, each attending to its context.
+    generation = 2.0 * n * seq_len * blocks + 2.0 * n * new * lm_head + _attention(config, n, prompt, prompt)
+    generation += sum(_attention(config, n, 1, prompt + i + 1) for i in range(new))
+    policy_forward = _pass(config, rows=n, seq_len=seq_len, head_positions=new, head="lm", train=False)
+    scalar_forward = _pass(config, rows=n, seq_len=seq_len, head_positions=seq_len, head="score", train=False)
+    scoring = policy_forward + 2 * scalar_forward  # the reference, then the critic and the reward model
+    if args.old_logprobs == "recompute":
+        scoring += policy_forward
+    update = _pass(config, rows=n, seq_len=seq_len, head_positions=new, head="lm", train=True)
+    update += _pass(config, rows=n, seq_len=seq_len, head_positions=seq_len, head="score", train=True)
+    return {"generation": generation, "scoring": scoring, "update": update, "total": generation + scoring + update}
