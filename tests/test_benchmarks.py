@@ -331,3 +331,30 @@ def test_canonical_cli_prints_the_peers_harness_row(capsys, workload):
         assert row["tokens_per_s"] == pytest.approx(2 * 8 * 16 / row["step_time_median_s"])
         assert row["step_times"]["n"] == 2 and len(row["losses"]) == 3
         assert row["variant"] == ("precomputed reference" if "precomputed" in workload else "canonical")
+    assert row["matmul_peak_flops"] > 0 and 0 < row["mfu"] < 1
+    assert row["mfu"] == pytest.approx(
+        (row["model_flops"]["total"] if row["workload"] == "ppo" else row["model_flops"])
+        / row.get("step_time_median_s", row.get("iter_time_median_s"))
+        / row["matmul_peak_flops"]
+    )
+
+
+def test_canonical_flops_follow_the_train_step_formula_and_count_only_the_passes_run():
+    from benchmarks import canonical, canonical_flops
+
+    args = canonical.parse_args(["--workload=dpo", "--reference=precomputed"])
+    config = canonical.architecture(args)
+    rows, seq_len = 2 * args.batch_pairs, args.prompt_len + args.response_len
+    full = common.llama_train_step_flops(config, rows=rows, seq_len=seq_len, head="lm")
+    head_per_position = full.head / seq_len
+    # The LM head counts at the response positions only; the trunk and attention are the train step's.
+    assert canonical_flops.dpo_step(config, args) == pytest.approx(
+        full.blocks + full.attention + head_per_position * args.response_len
+    )
+    on_the_fly = canonical.parse_args(["--workload=dpo"])
+    assert canonical_flops.dpo_step(config, on_the_fly) == pytest.approx(canonical_flops.dpo_step(config, args) * 4 / 3)
+    ppo = canonical.parse_args(["--workload=ppo"])
+    reused = canonical.parse_args(["--workload=ppo", "--old-logprobs=sampler"])
+    recompute, sampler = canonical_flops.ppo_iteration(config, ppo), canonical_flops.ppo_iteration(config, reused)
+    assert recompute["total"] == pytest.approx(sum(recompute[k] for k in ("generation", "scoring", "update")))
+    assert sampler["scoring"] < recompute["scoring"] and sampler["update"] == recompute["update"]
