@@ -127,7 +127,9 @@ def _chunked_logprobs_bwd(residuals, cotangent):
         onehot = jnp.arange(vocab, dtype=jnp.int32) == jnp.clip(target_chunk, 0, vocab - 1)[..., None]
         dlogits = (g[..., None] * (onehot.astype(jnp.float32) - probs)).astype(hidden_chunk.dtype)
         hidden_grad = jnp.einsum("bcv,dv->bcd", dlogits, weight, preferred_element_type=jnp.float32)
-        weight_grad = weight_grad + jnp.einsum("bcd,bcv->dv", hidden_chunk, dlogits, preferred_element_type=jnp.float32)
+        # As one [D, B*C] x [B*C, V] product: contracting two dimensions takes XLA:CPU's slow path.
+        flat_hidden, flat_dlogits = hidden_chunk.reshape(-1, hidden_chunk.shape[-1]), dlogits.reshape(-1, vocab)
+        weight_grad = weight_grad + jnp.dot(flat_hidden.T, flat_dlogits, preferred_element_type=jnp.float32)
         return weight_grad, hidden_grad.astype(hidden_chunk.dtype)
 
     zero = jnp.zeros(weight.shape, jnp.float32)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from easyppo.core.sharding import BATCH_AXES, constrain
+from easyppo.models.attention import attend
 from easyppo.models.llama_config import PRESETS, REMAT_POLICIES, LlamaConfig, RopeScaling, get_preset
 from easyppo.models.positions import KVCache, apply_rope, init_cache, rope_inverse_frequencies
 from easyppo.models.projections import dense, projections
@@ -113,9 +114,7 @@ class LlamaAttention(nn.Module):
             stacked_cache = (all_k, all_v)
             k = jax.lax.dynamic_index_in_dim(all_k, layer, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(all_v, layer, keepdims=False)
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=1.0 / math.sqrt(cfg.head_dim)
-        )
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=1.0 / math.sqrt(cfg.head_dim))
         out = out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim)
         return dense(cfg, cfg.hidden_size, "o_proj")(out), stacked_cache
 

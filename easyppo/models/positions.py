@@ -40,13 +40,14 @@ def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotates ``x`` [B, T, heads, head_dim] by ``positions`` [B, T] in HF's ``rotate_half`` layout."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, head_dim / 2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    angles = (positions[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]  # [B, T, 1, head_dim / 2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    first, second = xf[..., :half], xf[..., half:]
+    # x * cos + rotate_half(x) * sin, per half: the same operations in the same order as HF's, without
+    # building the doubled angles or the rotated copy.
+    return jnp.concatenate([first * cos + (-second) * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------ KV cache
