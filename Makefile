@@ -6,11 +6,19 @@ PYTEST_ARGS ?=
 
 .PHONY: setup lint test test-fast demo clean
 
+# Two install sets: the demo needs the library and matplotlib (its pictures); the tests also need
+# torch, transformers, pytest and the linters.
+$(VENV)/.installed-demo: setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[plot]'
+	touch $@
+
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.installed-demo
 
 setup: $(VENV)/.installed
 
@@ -27,5 +35,5 @@ test-fast: setup
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache build *.egg-info
 
-demo: setup
+demo: $(VENV)/.installed-demo
 	$(PY) demo/run.py

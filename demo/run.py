@@ -14,7 +14,6 @@ A stage whose export already exists is skipped, so an interrupted demo continues
 from __future__ import annotations
 
 import importlib
-import logging
 import pathlib
 import sys
 import time
@@ -41,10 +40,13 @@ def load_config(stage: str):
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.WARNING)
+    from easyppo.cli import logs
+
+    logs.configure(verbose=False)  # the stages' own progress lines, not their libraries' chatter
     import datasets
 
     datasets.disable_progress_bars()  # tokenising a few KB needs no progress bars
+    from easyppo.run import plots
     from easyppo.run.loop import train
 
     results = {}
@@ -57,18 +59,62 @@ def main() -> int:
         with config.unlocked():
             config.eval.at_start = True
         start = time.time()
-        results[stage] = (train(config), time.time() - start)
+        result = train(config)
+        results[stage] = (result, time.time() - start, plots.write_plots(config.output_dir))
+    completions = ppo_completions() if "ppo" in results else []
 
     print("\n=== demo summary ===")
-    for stage, (result, seconds) in results.items():
+    for stage, (result, seconds, pictures) in results.items():
         print(f"{stage:>4}: {result.step} steps, {seconds:.0f} s")
         for key, meaning in HEADLINE[stage]:
             before = result.initial_eval_metrics.get(key, float("nan"))
             after = result.eval_metrics.get(key, float("nan"))
             print(f"      {meaning}: {round(before, 3) + 0.0:.3f} -> {round(after, 3) + 0.0:.3f}")  # no "-0.000"
+        stats = result.data_stats
+        print(
+            f"      data: {stats['rows_used']} of {stats['rows_read']} rows used, "
+            f"{stats['rows_truncated']} truncated to fit (data.max_prompt_len / max_seq_len)"
+        )
         print(f"      checkpoints: {result.checkpoint_dir}")
         print(f"      Hugging Face export: {result.export_dir}")
+        print(f"      training curves: {pathlib.Path(pictures[-1]).parent}/ ({len(pictures)} PNG files)")
+    for prompt, before, after in completions:
+        print(f"\nheld-out prompt: {prompt}\n  SFT policy: {before}\n  PPO policy: {after}")
     return 0
+
+
+def ppo_completions(count: int = 3) -> list[tuple[str, str, str]]:
+    """A few held-out prompts answered by the SFT policy and by the PPO policy (same sampler, same seed)."""
+    import json
+    import tempfile
+
+    from easyppo.configs.common import DEMO_DATA, demo_runs
+    from easyppo.run.generate import generate_file
+    from easyppo.run.generate_options import GenerateOptions
+
+    answers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = pathlib.Path(tmp) / "prompts.jsonl"
+        prompts.write_text("".join((DEMO_DATA / "prompts_eval.jsonl").read_text().splitlines(keepends=True)[:count]))
+        for stage in ("sft", "ppo"):
+            output = pathlib.Path(tmp) / f"{stage}.jsonl"
+            options = GenerateOptions(
+                checkpoint=str(demo_runs() / stage / "hf"),
+                prompts=str(prompts),
+                output=str(output),
+                max_new_tokens=32,
+                temperature=1.0,
+                progress=False,
+                cache_dir=str(demo_runs() / "cache"),
+                num_proc=1,
+            )
+            generate_file(options)
+            answers[stage] = [json.loads(line) for line in output.read_text().splitlines()]
+    user_text = lambda prompt: prompt.split("<|user|>\n", 1)[-1].split("\n<|assistant|>", 1)[0]
+    return [
+        (user_text(sft["prompt"]), sft["response"], ppo["response"])
+        for sft, ppo in zip(answers["sft"], answers["ppo"], strict=True)
+    ]
 
 
 if __name__ == "__main__":

@@ -151,3 +151,49 @@ def test_train_reports_a_directory_in_use_in_one_line(tmp_path, capsys):
         assert train_cli.main(_train_argv(tmp_path)) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and f"process {os.getpid()}" in err[0]
+
+
+def test_train_lists_every_key_with_its_value_and_description(capsys):
+    assert cli_main.main(["train", "--config=ppo:demo", "--config.ppo.kl_coef=0.1", "--list_keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    by_key = {line.split(" = ", 1)[0]: line for line in lines}
+    assert (
+        by_key["ppo.kl_coef"].startswith("ppo.kl_coef = 0.1")
+        and "# weight of the per-token KL" in by_key["ppo.kl_coef"]
+    )
+    assert "# Padded width of sft / preference sequences" in by_key["data.max_seq_len"]
+    assert "# peak learning rate" in by_key["optim.learning_rate"]
+    assert "# peak learning rate" in by_key["ppo.value_optim.learning_rate"]  # an embedded optim section
+    assert "#" in by_key["ppo.sampling.temperature"]  # the sampler's docstring
+    described = [line for line in lines if "  # " in line]
+    assert len(described) >= 0.9 * len(lines), [line for line in lines if "  # " not in line]
+
+
+def test_train_prints_the_resolved_config_without_running(tmp_path, capsys):
+    output = tmp_path / "never_written"
+    argv = [
+        "train",
+        "--config=sft:demo",
+        f"--config.output_dir={output}",
+        "--config.optim.learning_rate=0.5",
+        "--print_config",
+    ]
+    assert cli_main.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "learning_rate: 0.5" in out and f"output_dir: {output}" in out
+    assert not output.exists()
+
+
+def test_commands_are_quiet_by_default_and_verbose_shows_library_info():
+    import logging
+    import warnings
+
+    from easyppo.cli import logs
+
+    with warnings.catch_warnings():
+        logs.configure(verbose=False)
+        assert logging.getLogger("easyppo.run.loop").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("orbax.checkpoint").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("absl").isEnabledFor(logging.INFO)
+        logs.configure(verbose=True)
+        assert logging.getLogger("orbax.checkpoint").isEnabledFor(logging.INFO)

@@ -426,3 +426,19 @@ def test_reward_export_without_a_pad_token_is_refused():
 def test_cli_reports_bad_input_on_stderr_with_exit_code_2(tmp_path, capsys):
     assert convert_cli.main(["to-easyppo", str(tmp_path), str(tmp_path / "ckpt")]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_relative_paths_work_everywhere_and_leave_no_stray_folders(tmp_path, monkeypatch, capsys):
+    from easyppo.weights import loading
+
+    _hf_dir(tmp_path / "hf")
+    monkeypatch.chdir(tmp_path)
+    assert convert_cli.main(["to-easyppo", "hf", "ckpt"]) == 0
+    assert convert_cli.main(["to-hf", "ckpt", "out"]) == 0
+    assert convert_cli.main(["verify", "out", "--checkpoint", "ckpt"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf", "out"]  # no orbax temporary left beside them
+    model = loading.default_config()
+    model.init_from = "ckpt"  # a model source relative to the working directory
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    config, _, params = loading.load_model(model, "causal_lm", mesh=mesh, rng=jax.random.key(0))
+    assert config.vocab_size == TINY["vocab_size"] and params["lm_head"]["kernel"].shape == (16, 64)

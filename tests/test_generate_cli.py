@@ -341,3 +341,62 @@ def test_a_reward_model_trained_with_another_tokenizer_is_refused_before_samplin
     assert generate_cli.main(flags(setup, tmp_path / "out.jsonl", f"--reward_model={foreign}")) == 2
     assert "--reward_model: " in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- prompts in the command
+
+
+def inline_flags(setup, *extra) -> list[str]:
+    return [
+        f"--checkpoint={setup['policy']}",
+        f"--max_new_tokens={NEW_TOKENS}",
+        "--greedy",
+        "--no_progress",
+        f"--cache_dir={setup['cache_dir']}",
+        "--num_proc=1",
+        *extra,
+    ]
+
+
+def printed_completions(out: str) -> list[str]:
+    """The completion texts of the CLI's printed output (a ``[prompt i, sample j]`` header before each)."""
+    blocks = [block for block in out.split("[prompt ")[1:]]
+    return [block.split("]\n", 1)[1].rstrip("\n") for block in blocks]
+
+
+def test_a_prompt_on_the_command_line_prints_the_completion_of_its_chat_formatted_form(setup, greedy_rows, capsys):
+    question = setup["messages"][0][-1]["content"]
+    assert generate_cli.main(inline_flags(setup, "--prompt", question)) == 0
+    (printed,) = printed_completions(capsys.readouterr().out)
+    assert printed == greedy_rows[0]["response"]  # the same completion as from a prompts file
+
+
+def test_prompts_on_standard_input_as_text_or_json_rows(setup, greedy_rows, capsys, monkeypatch):
+    import io
+
+    first = setup["messages"][0][-1]["content"]
+    lines = f"{first}\n\n{json.dumps({'messages': setup['messages'][1]})}\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert generate_cli.main(inline_flags(setup, "--prompts=-")) == 0
+    assert printed_completions(capsys.readouterr().out) == [greedy_rows[0]["response"], greedy_rows[1]["response"]]
+
+
+def test_a_prompt_with_an_output_file_writes_the_rows(setup, greedy_rows, tmp_path, capsys):
+    output = tmp_path / "one.jsonl"
+    question = setup["messages"][0][-1]["content"]
+    assert generate_cli.main(inline_flags(setup, "--prompt", question, f"--output={output}")) == 0
+    (row,) = read_rows(output)
+    assert row["response"] == greedy_rows[0]["response"] and row["prompt"] == greedy_rows[0]["prompt"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ((), "error: --prompts: give a prompts file, --prompts=- (standard input) or --prompt TEXT"),
+        (("--prompts=x.jsonl",), "error: --output: name the JSONL file to write"),
+        (("--prompt", "Hi", "--prompts=x.jsonl"), "error: --prompt: give prompts either with --prompt or"),
+    ],
+)
+def test_inline_prompt_mistakes_are_one_line(setup, capsys, extra, message):
+    assert generate_cli.main(inline_flags(setup, *extra)) == 2
+    assert error_line(capsys).startswith(message)

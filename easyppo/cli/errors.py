@@ -15,9 +15,16 @@ from easyppo.run.export import ExportDirectoryError
 from easyppo.run.generate_options import OptionError as FlagError
 from easyppo.run.lock import RunLockedError
 from easyppo.run.pacing import NonFiniteTrainingError
+from easyppo.run.plots import PlotError
+
+
+class UsageError(ValueError):
+    """A command line that cannot work as given (missing or conflicting flags); the message says which."""
+
 
 # Mistakes in what the user asked for: options, files, rows, directories in use.
 USER_ERRORS = (
+    UsageError,
     OptionError,
     FlagError,
     DataConfigError,
@@ -26,6 +33,7 @@ USER_ERRORS = (
     RunLockedError,
     ExportDirectoryError,
     DistributedConfigError,
+    PlotError,
     FileNotFoundError,
     FileExistsError,
 )

@@ -1,16 +1,27 @@
-"""``easyppo generate``: completions for a file of prompts, optionally scored by a reward model.
+"""``easyppo generate``: completions for prompts, optionally scored by a reward model.
+
+    easyppo generate --checkpoint=runs/demo/ppo/hf --prompt "Describe the fox."
+    echo "Describe the fox." | easyppo generate --checkpoint=runs/demo/ppo/hf --prompts=-
+    easyppo generate --checkpoint=runs/demo/ppo/hf --prompts=prompts.jsonl --output=out.jsonl
 
 One flag per field of ``easyppo.run.generate.GenerateOptions``; the work is ``generate_file``.
+Prompts given on the command line (``--prompt``, repeatable) or on standard input (``--prompts=-``:
+one prompt row as JSON, or one plain-text user message, per line) are written to a temporary prompts
+file, so they go through the same chat format, truncation and batching as a file; without
+``--output`` their completions are printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import json
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from typing import TextIO
 
-from easyppo.cli import errors
+from easyppo.cli import errors, logs
 from easyppo.data.chat import FORMAT_NAMES
 from easyppo.data.examples import TRUNCATION_MODES
 from easyppo.run import distributed
@@ -32,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--checkpoint", required=True, help="HF directory, easyppo model checkpoint or train run directory")
-    add("--prompts", required=True, help="prompt rows (.jsonl / .json / .parquet, comma-separated)")
-    add("--output", required=True, help="JSONL file to write (replaced only when the run completes)")
+    add("--prompts", default="", help="prompt rows (.jsonl / .json / .parquet, comma-separated); -: standard input")
+    add("--prompt", action="append", default=[], help="one user message to complete (repeatable)")
+    add("--output", default="", help="JSONL file to write (replaced only when the run completes); none: print")
     add("--tokenizer", default="", help="tokenizer file or directory (default: the checkpoint's)")
     add("--chat_format", default="", help=f"{'|'.join(FORMAT_NAMES)} (default: the run's, else tulu)")
     add("--pad_id", type=_token, default=None, help="pad token, an id or a string (default: the tokenizer's)")
@@ -56,16 +68,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prompt_rows(prompts: Sequence[str], stdin: TextIO | None) -> list[dict]:
+    """Prompt rows from ``--prompt`` texts and, when given, standard input (a JSON row or a text per line)."""
+    rows = [{"prompt": text} for text in prompts]
+    for number, line in enumerate(stdin or (), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise errors.UsageError(f"<stdin>:{number}: not a JSON prompt row ({e.msg})") from None
+        else:
+            rows.append({"prompt": line})
+    return rows
+
+
+def _inline_inputs(args: argparse.Namespace, workdir: str) -> bool:
+    """Writes ``--prompt`` / standard-input prompts to a prompts file in ``workdir``; True if there were any."""
+    from_stdin = args.prompts == "-"
+    if not args.prompt and not from_stdin:
+        return False
+    if args.prompts and not from_stdin:
+        raise errors.UsageError("--prompt: give prompts either with --prompt or in a --prompts file, not both")
+    rows = prompt_rows(args.prompt, sys.stdin if from_stdin else None)
+    if not rows:
+        raise errors.UsageError("--prompts: standard input held no prompts")
+    args.prompts = os.path.join(workdir, "prompts.jsonl")
+    with open(args.prompts, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return True
+
+
+def print_completions(path: str, out: TextIO) -> None:
+    """Each completion of a generated JSONL file, under a header naming its prompt and sample."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            header = f"[prompt {row['index']}, sample {row['sample']}"
+            header += f", score {row['score']:.4g}]" if "score" in row else "]"
+            print(f"{header}\n{row['response']}\n", file=out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: returns 0 on success, 2 (after printing ``error: ...``) on bad options or prompt rows."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     verbose = args.__dict__.pop("verbose")
-    with errors.reporting(verbose) as outcome:
+    logs.configure(verbose)
+    with errors.reporting(verbose) as outcome, tempfile.TemporaryDirectory(prefix="easyppo-generate-") as workdir:
+        inline = _inline_inputs(args, workdir)
+        if not args.prompts:
+            raise errors.UsageError("--prompts: give a prompts file, --prompts=- (standard input) or --prompt TEXT")
+        printed = not args.output
+        if printed and not inline:
+            raise errors.UsageError("--output: name the JSONL file to write (or pass --prompt to print completions)")
+        if printed:
+            args.output = os.path.join(workdir, "completions.jsonl")
+        del args.prompt
         distributed.initialize()  # EASYPPO_DISTRIBUTED (auto | always | never); before any other JAX call
         summary = generate_file(GenerateOptions(**vars(args)))
+        if printed:
+            print_completions(summary.output, sys.stdout)
     if outcome.status:
         return outcome.status
+    if printed:
+        return 0
     line = (
         f"wrote {summary.rows} completions of {summary.prompts} prompts to {summary.output}: "
         f"{summary.finished_fraction:.1%} finished, {summary.mean_response_tokens:.1f} tokens on average"

@@ -3,6 +3,7 @@
     easyppo train --config=ppo:demo
     easyppo generate --checkpoint=runs/demo/ppo/hf --prompts=prompts.jsonl --output=out.jsonl
     easyppo convert to-hf CHECKPOINT OUT_DIR --verify
+    easyppo plot runs/demo/ppo
 
 Every subcommand takes ``--help``, uses one flag style (``--snake_case``; dotted config keys for
 ``train``) and reports a user error as one ``error: ...`` line with exit status 2.
@@ -17,8 +18,12 @@ from collections.abc import Sequence
 # subcommand -> (module with main(argv), one-line description)
 SUBCOMMANDS = {
     "train": ("easyppo.cli.train", "run or resume a training run (SFT, reward model, DPO family, PPO)"),
-    "generate": ("easyppo.cli.generate", "sample completions for a prompts file, optionally scored"),
+    "generate": (
+        "easyppo.cli.generate",
+        "sample completions for prompts (a file, stdin or --prompt), optionally scored",
+    ),
     "convert": ("easyppo.cli.convert", "convert between Hugging Face and easyppo checkpoints; verify"),
+    "plot": ("easyppo.cli.plot", "draw a run's training curves as PNG files"),
 }
 
 

@@ -12,7 +12,6 @@ closest existing one.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import pkgutil
 import sys
@@ -23,9 +22,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from easyppo import configs as presets_package
-from easyppo.cli import errors
+from easyppo.cli import errors, logs
 from easyppo.run import config as run_config
-from easyppo.run import distributed
+from easyppo.run import config_help, distributed
 from easyppo.run.loop import train
 
 USAGE = """usage: easyppo train --config=ALGORITHM:PRESET | --config=FILE.py[:PRESET] [--config.KEY=VALUE ...] [--verbose]
@@ -35,6 +34,8 @@ Runs (or resumes, from the latest checkpoint in its output directory) one traini
   --config=ALGORITHM:PRESET   an installed preset, e.g. --config=ppo:demo
   --config=FILE.py[:PRESET]   a config file with get_config(preset), e.g. --config=configs/dpo.py:demo
   --config.KEY=VALUE          override one key, e.g. --config.optim.learning_rate=1e-6
+  --list_keys                 list every key of the config with its value and what it means; run nothing
+  --print_config              print the resolved config (after overrides); run nothing
   --verbose                   show the traceback of an error instead of its one-line summary
 
 installed presets:
@@ -121,10 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or any(arg in ("-h", "--help") for arg in argv):
         print(usage())
         return 0
-    # force: importing orbax installs a root handler, which would make basicConfig a no-op.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    show = {flag for flag in ("--list_keys", "--print_config") if flag in argv}
+    argv = [arg for arg in argv if arg not in show]
+    logs.configure(verbose)
     with errors.reporting(verbose) as outcome:
         config = config_from_argv(["easyppo train", *argv])  # reads the config; touches no device
+        if show:
+            print(config_help.list_keys(config) if "--list_keys" in show else config)
+            return outcome.status
         distributed.initialize()  # EASYPPO_DISTRIBUTED (auto | always | never); before any other JAX call
         result = train(config)
         print(summary(config.algorithm, result))

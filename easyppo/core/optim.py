@@ -32,12 +32,12 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.schedule = "linear"  # decay after warmup: one of SCHEDULES
     # Warmup length: set at most one of the two (neither means no warmup). The ratio is a fraction
     # of total steps, rounded up to whole steps.
-    cfg.warmup_steps = config_dict.placeholder(int)
-    cfg.warmup_ratio = config_dict.placeholder(float)
+    cfg.warmup_steps = config_dict.placeholder(int)  # warmup length in steps (set this or warmup_ratio)
+    cfg.warmup_ratio = config_dict.placeholder(float)  # warmup as a fraction of total steps, rounded up
     cfg.end_lr_ratio = 0.0  # final learning rate as a fraction of the peak (linear and cosine)
-    cfg.b1 = 0.9
-    cfg.b2 = 0.999
-    cfg.eps = 1e-8
+    cfg.b1 = 0.9  # Adam decay of the first moment
+    cfg.b2 = 0.999  # Adam decay of the second moment
+    cfg.eps = 1e-8  # Adam epsilon, added to the root of the second moment
     cfg.weight_decay = 0.0  # decoupled (AdamW); never applied to norm scales or 1-D parameters
     cfg.clip_grad_norm = 1.0  # max global gradient norm; 0 or None disables clipping
     return cfg

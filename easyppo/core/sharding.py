@@ -54,7 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
     parameters and optimizer state are split as finely as the devices allow, and no activation ever
     crosses devices inside a layer.
     """
-    return ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c = ml_collections.ConfigDict()
+    c.data = 1  # replicas of the model, each on its own slice of the batch
+    c.fsdp = -1  # devices over which parameters, optimizer state and the batch are split (-1: the rest)
+    c.tensor = 1  # devices over which each layer's heads and hidden units are split
+    return c
 
 
 def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:

@@ -134,6 +134,13 @@ class ChatFormat(abc.ABC):
         return ""
 
     @property
+    def hf_chat_template(self) -> str | None:
+        """This format as a Hugging Face Jinja chat template (written into exports), if it has one."""
+        from easyppo.data.chat_templates import BY_FORMAT
+
+        return BY_FORMAT.get(self.name)
+
+    @property
     def fingerprint(self) -> str:
         """A hash of the tokenizer, the format and its template: equal fingerprints, equal ids."""
         key = json.dumps([self.name, FORMAT_VERSION, self.tokenizer.fingerprint, self._template_text()])

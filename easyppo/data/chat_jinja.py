@@ -65,6 +65,10 @@ class JinjaChatFormat(ChatFormat):
         self._end_of_turn_id = probe.pieces[-1]
         self._response_continues_text = probe.continues_text
 
+    @property
+    def hf_chat_template(self) -> str | None:
+        return self.template
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_compiled"] = None  # Compiled Jinja templates do not pickle; recompiled on first use.

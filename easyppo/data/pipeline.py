@@ -49,7 +49,7 @@ def default_config() -> config_dict.ConfigDict:
     c.hf_dataset = ""  # HF datasets name, local dataset dir, or a save_to_disk dir.
     c.hf_subset = ""  # HF config name, if the dataset has several.
     c.tfds_dataset = ""  # TFDS name (needs tensorflow-datasets).
-    c.tfds_data_dir = ""
+    c.tfds_data_dir = ""  # TFDS data directory; "": its default
     c.split = "train"  # For hf_dataset / tfds_dataset.
     # What the rows are and how they become tokens.
     c.kind = "preference"  # "sft" | "preference" | "prompt".
@@ -57,8 +57,8 @@ def default_config() -> config_dict.ConfigDict:
     c.chat_format = "tulu"  # See docs/chat_formats.md.
     c.tokenizer_path = ""  # sentencepiece .model, HF tokenizer dir or tokenizer.json.
     c.bos_id = config_dict.placeholder(int)  # None: take the tokenizer's own.
-    c.eos_id = config_dict.placeholder(int)
-    c.pad_id = config_dict.placeholder(int)
+    c.eos_id = config_dict.placeholder(int)  # None: the tokenizer's own
+    c.pad_id = config_dict.placeholder(int)  # None: the tokenizer's own
     c.train_on = "all_assistant"  # sft only: "all_assistant" | "last_assistant".
     # Lengths, in tokens.
     c.max_seq_len = 1024  # Padded width of sft / preference sequences (prompt + response).
@@ -67,19 +67,19 @@ def default_config() -> config_dict.ConfigDict:
     c.truncation = "truncate"  # Over-long rows: "truncate" | "drop" | "error".
     # sft / preference: the LM head scores only a window of the row, one of this many widths, picked
     # per batch (one compiled step per width; 1: the full max_seq_len). See easyppo/data/windows.py.
-    c.loss_window_buckets = 4
+    c.loss_window_buckets = 4  # sft / preference: widths of the scored window (1: every position)
     # Bad rows.
     c.on_bad_row = "error"  # "error": raise listing them; "skip": skip and count them.
     c.max_bad_fraction = 0.01  # With "skip": abort if more than this fraction of rows is bad.
     # Order and batching.
     c.global_batch_size = 32  # Rows per step over all hosts.
-    c.seed = 0
-    c.shuffle = True
-    c.drop_remainder = True
+    c.seed = 0  # shuffling seed
+    c.shuffle = True  # a fresh random order every epoch (else file order)
+    c.drop_remainder = True  # skip the last incomplete batch of each epoch (else fill it with masked rows)
     c.num_epochs = config_dict.placeholder(int)  # None: repeat forever.
     # Tokenisation.
     c.num_proc = 4  # Processes for datasets.map.
-    c.cache_dir = os.path.join("~", ".cache", "easyppo", "data")
+    c.cache_dir = os.path.join("~", ".cache", "easyppo", "data")  # where tokenised datasets are cached
     return c
 
 

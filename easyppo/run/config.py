@@ -24,7 +24,7 @@ from ml_collections import config_dict
 
 from easyppo.algorithms import get_algorithm
 from easyppo.algorithms.contract import Algorithm
-from easyppo.core import optim, sharding
+from easyppo.core import optim, paths, sharding
 from easyppo.core.options import OptionError
 from easyppo.data import pipeline
 from easyppo.data.errors import DataConfigError
@@ -54,7 +54,7 @@ def train_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.num_steps = 0  # 0: data.num_epochs epochs.
     c.grad_accum_steps = 1  # Microbatches per step (the global batch is split, not multiplied).
-    c.log_every_steps = 10
+    c.log_every_steps = 10  # write metrics (and fetch them from the device) every N steps
     c.max_consecutive_nonfinite = 5  # Skipped (NaN/Inf) steps in a row before the run stops.
     c.preemption_sync_every_steps = 10  # Multi-host: hosts agree on a SIGTERM every N steps (one collective).
     c.prefetch_batches = 2  # Host batches prepared (and placed on the devices) ahead of the step.
@@ -81,8 +81,8 @@ def base_config(algorithm: str) -> ml_collections.ConfigDict:
     """Every option of a run of ``algorithm`` with its default."""
     entry = get_algorithm(algorithm)
     c = ml_collections.ConfigDict()
-    c.algorithm = algorithm
-    c.seed = 0
+    c.algorithm = algorithm  # sft, rm, dpo, ppo, grpo or online_dpo; decides the sections below
+    c.seed = 0  # initialisation, dropout-free sampling and data order all derive from it
     c.output_dir = ""  # Checkpoints, metrics and exports go below it unless set individually.
     c.model = loading.default_config()
     c.mesh = sharding.default_config()
@@ -117,9 +117,7 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def absolute(path: str) -> str:
     """``path`` made absolute unless it is empty or a URL such as ``gs://bucket/dir``."""
-    if not path or "://" in path:
-        return path
-    return os.path.abspath(os.path.expanduser(path))
+    return paths.resolve(path)
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunPlan:

@@ -284,7 +284,9 @@ def _train(config: ml_collections.ConfigDict, plan: run_config.RunPlan, preempti
         export_lib.export_run(
             lambda directory: trainer.export(state, directory),
             export_dir,
-            finish=lambda directory: save_tokenizer_files(config.data.tokenizer_path, tokenizer, directory),
+            finish=lambda directory: save_tokenizer_files(
+                config.data.tokenizer_path, tokenizer, directory, chat_format
+            ),
             checkpoint_directory=str(config.checkpoint.directory),
             step=step,
             tokenizer_fingerprint=tokenizer.fingerprint,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -35,6 +36,8 @@ Scalar = bool | int | float | str
 
 _RESERVED_KEYS = ("step", "wall_time")
 WANDB_RUN_ID_FILENAME = "wandb_run_id.txt"
+RUN_CONFIG_FILENAME = "config.json"
+logger = logging.getLogger(__name__)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -50,24 +53,24 @@ def default_config() -> ml_collections.ConfigDict:
     tensorboard.*: TensorBoard event files (via tensorboardX) in `directory/<subdirectory>`.
     """
     config = ml_collections.ConfigDict()
-    config.directory = config_dict.placeholder(str)
-    config.metrics_filename = "metrics.jsonl"
-    config.samples_filename = "samples.jsonl"
-    config.progress_bar = True
-    config.progress_bar_metrics = ("loss", "tokens_per_second")
-    config.samples_every_steps = 0
-    config.samples_to_log = 8
+    config.directory = config_dict.placeholder(str)  # metrics, samples, config.json, TensorBoard events
+    config.metrics_filename = "metrics.jsonl"  # one JSON object per logged step, inside `directory`
+    config.samples_filename = "samples.jsonl"  # the samples table (RL prompts, responses, scores)
+    config.progress_bar = True  # a tqdm bar with the step, ETA and `progress_bar_metrics`
+    config.progress_bar_metrics = ("loss", "tokens_per_second")  # metrics shown on the progress bar
+    config.samples_every_steps = 0  # log a table of samples every N steps (0: never)
+    config.samples_to_log = 8  # rows of each samples table
     config.wandb = ml_collections.ConfigDict()
-    config.wandb.enabled = False
-    config.wandb.project = "easyppo"
-    config.wandb.entity = config_dict.placeholder(str)
-    config.wandb.name = config_dict.placeholder(str)
-    config.wandb.group = config_dict.placeholder(str)
-    config.wandb.run_id = config_dict.placeholder(str)
-    config.wandb.mode = "online"  # or "offline": write locally, `wandb sync` later
+    config.wandb.enabled = False  # log to Weights & Biases (pip install wandb)
+    config.wandb.project = "easyppo"  # W&B project
+    config.wandb.entity = config_dict.placeholder(str)  # W&B entity (team or user); None: your default
+    config.wandb.name = config_dict.placeholder(str)  # W&B run name; None: W&B picks one
+    config.wandb.group = config_dict.placeholder(str)  # W&B run group
+    config.wandb.run_id = config_dict.placeholder(str)  # None: made up once, kept in directory/wandb_run_id.txt
+    config.wandb.mode = ""  # "online", "offline" (write locally, `wandb sync` later); "": $WANDB_MODE, else online
     config.tensorboard = ml_collections.ConfigDict()
-    config.tensorboard.enabled = False
-    config.tensorboard.subdirectory = "tensorboard"
+    config.tensorboard.enabled = False  # write TensorBoard event files (pip install tensorboardX)
+    config.tensorboard.subdirectory = "tensorboard"  # event files go to directory/<this>
     return config
 
 
@@ -156,6 +159,11 @@ class MetricLogger:
                 )
             if config.progress_bar:
                 self._sinks.append(_ProgressBar(tuple(config.progress_bar_metrics), total_steps, start_step))
+            if isinstance(run_config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+                path = os.path.join(config.directory, RUN_CONFIG_FILENAME)
+                with open(path, "w", encoding="utf-8") as f:  # rewritten on resume: the config this attempt runs
+                    f.write(run_config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+                logger.info("resolved config: %s", path)
         except BaseException:
             self.close()  # release what was opened before the failing sink
             raise
@@ -225,7 +233,7 @@ class _WandbSink:
             entity=config.entity,
             name=config.name,
             group=config.group,
-            mode=config.mode,
+            mode=config.mode or None,  # None: wandb reads WANDB_MODE (and its other variables) itself
             id=config.run_id or _persistent_run_id(directory),
             resume="allow",
             dir=directory,

@@ -24,7 +24,7 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from easyppo.core import precision, sharding
+from easyppo.core import paths, precision, sharding
 from easyppo.models import llama, partitioning
 from easyppo.weights import hf_mapping, huggingface, model_checkpoint, run_directory
 
@@ -44,7 +44,14 @@ ARCHITECTURE_OVERRIDES = (
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every model option; an algorithm config holds one of these per model it trains or uses."""
+    """Every model option; an algorithm config holds one of these per model it trains or uses.
+
+    Architecture overrides (None: the preset's or the checkpoint's value):
+
+      vocab_size, hidden_size, intermediate_size, num_hidden_layers: change the preset (random init only)
+      num_attention_heads, num_key_value_heads, tie_word_embeddings: change the preset (random init only)
+      max_position_embeddings, bos_token_id, eos_token_id, pad_token_id: change the preset or a loaded model
+    """
     c = ml_collections.ConfigDict()
     c.init_from = ""  # "": random init of `preset`; else a HF dir, easyppo checkpoint or run dir.
     c.preset = "tiny"  # Architecture for random init (see easyppo.models.llama.PRESETS).
@@ -115,7 +122,7 @@ def _with_overrides(stored: llama.LlamaConfig, cfg: ml_collections.ConfigDict) -
 
 
 def _stored_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
-    path = epath.Path(cfg.init_from)
+    path = epath.Path(paths.resolve(cfg.init_from))
     if not path.exists():
         raise FileNotFoundError(f"model.init_from={cfg.init_from!r} does not exist")
     return _read_architecture(str(path), _modification_stamp(path))
@@ -226,8 +233,8 @@ def stored_model_kind(path: str) -> str | None:
 
 
 def _load_weights(cfg, config, kind, mesh, rules) -> tuple[str, dict]:
-    path = epath.Path(cfg.init_from)
-    stored = stored_model_kind(cfg.init_from)
+    path = epath.Path(paths.resolve(cfg.init_from))
+    stored = stored_model_kind(str(path))
     if (path / model_checkpoint.MODEL_METADATA_FILE).exists():
         _, _, params = model_checkpoint.load_checkpoint(str(path), mesh=mesh, rules=rules, param_dtype=cfg.param_dtype)
         return stored, _relayout(params, config)

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from easyppo.core import paths
 from easyppo.core import sharding as sharding_lib
 from easyppo.models.llama import LlamaConfig
 from easyppo.weights import hf_files
@@ -45,7 +46,7 @@ def save_checkpoint(directory: str, config: LlamaConfig, params: PyTree, kind: s
     everything ``load_checkpoint`` needs to rebuild the tree and restore it onto any mesh.
     """
     check_kind(kind)
-    directory = epath.Path(directory)
+    directory = epath.Path(paths.resolve(directory))  # orbax needs an absolute path
     if (directory / MODEL_METADATA_FILE).exists() or (directory / PARAMS_DIR).exists():
         raise FileExistsError(f"{directory} already holds an easyppo model checkpoint")
     flat = _check_param_tree(params, config, kind)
@@ -62,7 +63,7 @@ def save_checkpoint(directory: str, config: LlamaConfig, params: PyTree, kind: s
 
 def read_checkpoint_metadata(directory: str) -> tuple[LlamaConfig, str]:
     """The ``(config, kind)`` an easyppo model checkpoint was saved with (nothing is restored)."""
-    path = epath.Path(directory) / MODEL_METADATA_FILE
+    path = epath.Path(paths.resolve(directory)) / MODEL_METADATA_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {directory} is not an easyppo model checkpoint")
     metadata = json.loads(path.read_text())
@@ -102,7 +103,7 @@ def load_checkpoint(
         abstract,
         shardings,
     )
-    params = ocp.StandardCheckpointer().restore(epath.Path(directory) / PARAMS_DIR, target)
+    params = ocp.StandardCheckpointer().restore(epath.Path(paths.resolve(directory)) / PARAMS_DIR, target)
     return config, kind, params
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from etils import epath
 
+from easyppo.core import paths
 from easyppo.weights import checkpoint_trees as trees
 from easyppo.weights.run_checkpoint import (
     CONFIG_FILENAME,
@@ -26,7 +27,7 @@ PyTree = Any
 def restore_subtree(directory: str | epath.Path, abstract_subtree: PyTree, step: int | None = None) -> PyTree:
     """Reads part of another run's checkpoint (read-only), e.g. the params of an SFT or reward model."""
     config = default_config()
-    config.directory = str(directory)
+    config.directory = paths.resolve(str(directory))  # orbax needs an absolute path
     with Checkpointer(config, read_only=True) as checkpointer:
         return checkpointer.restore_subtree(abstract_subtree, step=step)
 
