@@ -3,8 +3,11 @@
 * ``demo``: PPO on the bundled prompts (demo/make_data.py), with the policy and the reference from the
   demo's SFT export (``runs/demo/sft/hf``) and the reward and value models from the demo's reward
   model (``runs/demo/rm/hf``); run configs/sft.py:demo and configs/rm.py:demo first (``make demo``
-  does). A couple of minutes on 2 CPU cores; the held-out reward rises while the KL to the SFT policy
-  stays small.
+  does). Under a minute on 2 CPU cores. The held-out reward-model score rises from about -0.9 to
+  about 9.9 with a KL to the SFT policy of about 1.7 nats per response (2026-11-30, AMD EPYC). The
+  KL coefficient is deliberately high: at 0.05 the score ends a little higher (10.2) but the KL
+  reaches 8.8 nats and answers lose the task's frame ("The X is a, b and c. So it goes."), the
+  reward model being exploited rather than the rule learned.
 
 * ``tulu25_13b_uf_mean``: the Tulu 2.5 PPO recipe (Ivison et al. 2024, "Unpacking DPO and PPO:
   Disentangling Best Practices for Learning from Preference Feedback", arXiv:2406.09279) as this
@@ -95,7 +98,7 @@ def get_config(preset: str = "demo"):
         c.ppo.samples_per_prompt = 2
         c.ppo.num_minibatches = 2
         c.ppo.ppo_epochs = 2
-        c.ppo.kl_coef = 0.05
+        c.ppo.kl_coef = 0.5  # see the module docstring: a small coefficient lets the policy hack the RM
         c.ppo.sampling.temperature = 1.0
         c.ppo.sampling.max_new_tokens = 32
         c.ppo.missing_eos_penalty = -5.0
