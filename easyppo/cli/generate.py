@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The CLI: returns 0 on success, 2 (after printing ``error: ...``) on bad options or prompt rows."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     verbose = args.__dict__.pop("verbose")
-    logs.configure(verbose)
+    logs.configure(verbose, progress=bool(args.output) and not args.prompt and args.prompts != "-")
     with errors.reporting(verbose) as outcome, tempfile.TemporaryDirectory(prefix="easyppo-generate-") as workdir:
         inline = _inline_inputs(args, workdir)
         if not args.prompts:

@@ -28,15 +28,19 @@ class _StderrHandler(logging.StreamHandler):
         del value
 
 
-def configure(verbose: bool) -> None:
-    """Sets up logging for one command; ``force`` replaces any handler a library installed at import."""
+def configure(verbose: bool, *, progress: bool = True) -> None:
+    """Sets up logging for one command; ``force`` replaces any handler a library installed at import.
+
+    ``progress=False`` hides easyppo's own INFO lines too (unless ``verbose``): for commands whose
+    output is the answer, such as ``generate --prompt``.
+    """
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format=LOG_FORMAT,
         handlers=[_StderrHandler()],
         force=True,
     )
-    logging.getLogger("easyppo").setLevel(logging.INFO)
+    logging.getLogger("easyppo").setLevel(logging.INFO if verbose or progress else logging.WARNING)
     for name in QUIET_LOGGERS:  # NOTSET: follow the root logger again
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     try:  # absl keeps its own verbosity, which orbax's INFO lines go through
