@@ -270,3 +270,24 @@ def test_the_reward_model_learns_the_demo_preference_rule(tmp_path):
     config.eval.path = str(DEMO_DATA / "preference_eval.jsonl")
     result = loop.train(config)
     assert result.eval_metrics["accuracy"] >= 0.9, result.eval_metrics
+
+
+def test_convert_to_hf_exports_any_step_of_a_finished_run(tmp_path, small_data):
+    transformers = pytest.importorskip("transformers")
+    from easyppo.cli import convert as convert_cli
+
+    config = tiny_config("sft", tmp_path / "run", small_data, num_steps=4)
+    config.checkpoint.save_every_steps = 2
+    config.optim.learning_rate = 3e-3
+    loop.train(config)
+    run_dir = tmp_path / "run"
+    assert convert_cli.main(["to-hf", str(run_dir), str(tmp_path / "step2"), "--step", "2"]) == 0
+    assert convert_cli.main(["to-hf", str(run_dir / "checkpoints"), str(tmp_path / "last")]) == 0
+    _, _, at_step_2 = huggingface.load_hf(str(tmp_path / "step2"))
+    _, _, last = huggingface.load_hf(str(tmp_path / "last"))
+    stored = final_params(run_dir, config)  # the latest step (4)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(last), jax.device_get(stored))
+    assert not np.array_equal(at_step_2["lm_head"]["kernel"], last["lm_head"]["kernel"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "last")  # complete: tokenizer and template
+    assert tokenizer.pad_token_id == 3 and tokenizer.chat_template
+    assert json.loads((tmp_path / "last" / "generation_config.json").read_text())["eos_token_id"]

@@ -15,7 +15,8 @@ import ml_collections
 
 from easyppo.core import sharding as sharding_lib
 from easyppo.run import distributed
-from easyppo.weights import hf_files
+from easyppo.run.export_checkpoint import export_run_checkpoint
+from easyppo.weights import hf_files, run_directory
 from easyppo.weights.hf_mapping import CAUSAL_LM_ARCHITECTURE, DTYPES, KINDS, SCORE_ARCHITECTURE
 from easyppo.weights.model_checkpoint import convert_easyppo_to_hf, convert_hf_to_easyppo
 from easyppo.weights.verify import VerifyResult, verify
@@ -65,6 +66,11 @@ def _print_verify(result: VerifyResult, tolerance: float | None) -> int:
     return 0 if ok else 1
 
 
+def _is_run(path: str) -> bool:
+    """Whether ``path`` is a train run's checkpoint directory or an output directory holding one."""
+    return run_directory.is_run_directory(path) or run_directory.is_run_directory(f"{path.rstrip('/')}/checkpoints")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="easyppo convert",
@@ -80,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     to_easyppo.add_argument("--scan_layers", action="store_true", help="store the layers stacked, for scan_layers=True")
     to_easyppo.add_argument("--verify", action="store_true", help="afterwards, compare with transformers")
 
-    to_hf = commands.add_parser("to-hf", help="easyppo model checkpoint -> HF directory")
+    to_hf = commands.add_parser("to-hf", help="easyppo model checkpoint or train run (any step) -> HF directory")
     for command in (to_easyppo, to_hf):
         command.add_argument(
             "--mesh",
@@ -89,7 +95,10 @@ def _build_parser() -> argparse.ArgumentParser:
             help="split the parameters over this mesh of every device (e.g. 1,-1,1: FSDP over all), so a "
             "model larger than one device's memory converts; default: the first local device",
         )
-    to_hf.add_argument("checkpoint_dir", help="easyppo model checkpoint directory")
+    to_hf.add_argument(
+        "checkpoint_dir", help="easyppo model checkpoint, or a train run's output or checkpoint directory"
+    )
+    to_hf.add_argument("--step", type=int, help="a train run's step to export (default: its latest)")
     to_hf.add_argument("out_dir", help="new Hugging Face model directory")
     to_hf.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's parameter dtype")
     to_hf.add_argument("--pad_token_id", type=int, help="reward/value models: overrides the config's pad token id")
@@ -153,7 +162,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.verify:
                 result = verify(args.hf_dir, checkpoint_dir=args.out_dir, **verify_options)
                 return _print_verify(result, args.tolerance)
+        elif args.command == "to-hf" and _is_run(args.checkpoint_dir):
+            _, kind, files = export_run_checkpoint(
+                args.checkpoint_dir,
+                args.out_dir,
+                step=args.step,
+                dtype=args.dtype,
+                max_shard_bytes=args.max_shard_size,
+                mesh=mesh,
+            )
+            architecture = CAUSAL_LM_ARCHITECTURE if kind == "causal_lm" else SCORE_ARCHITECTURE
+            print(f"wrote {architecture} {args.out_dir}: {', '.join(files)}")
+            if args.verify:  # the export, read back by easyppo, against transformers
+                result = verify(args.out_dir, kind=kind, **verify_options)
+                return _print_verify(result, args.tolerance)
         elif args.command == "to-hf":
+            if args.step is not None:
+                raise ValueError(f"--step: {args.checkpoint_dir} is a model checkpoint (one step), not a train run")
             config, kind, files = convert_easyppo_to_hf(
                 args.checkpoint_dir,
                 args.out_dir,
