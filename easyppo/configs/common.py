@@ -43,7 +43,8 @@ def apply_demo_settings(c, *, output_name: str) -> None:
 def apply_pod_settings(c, *, init_from: str, save_every_steps: int = 500) -> None:
     """Large-model engineering shared by the accelerator presets (not part of any recipe).
 
-    ``init_from`` (a HF name in the presets) must be a local copy of that checkpoint.
+    ``init_from`` is a Hugging Face hub name in the presets (downloaded once into the hub cache, see
+    easyppo/weights/hub.py), or a local copy of that checkpoint.
     """
     c.model.init_from = init_from
     c.data.tokenizer_path = init_from

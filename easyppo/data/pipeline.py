@@ -35,6 +35,7 @@ from easyppo.data.examples import (
 from easyppo.data.iterator import BatchIterator
 from easyppo.data.schema import KINDS, ValidatedRows, validate_records
 from easyppo.data.sources import SourceSpec, read_records
+from easyppo.weights import hub
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +165,8 @@ def load_tokenizer_and_format(config: config_dict.ConfigDict):
     if not config.tokenizer_path:
         raise DataConfigError("tokenizer_path", "is empty: set it to a tokenizer file or directory")
     try:
-        tokenizer = load_tokenizer(
-            config.tokenizer_path, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id
-        )
+        source = hub.local_source(config.tokenizer_path, key="")  # DataConfigError names the key
+        tokenizer = load_tokenizer(source, bos_id=config.bos_id, eos_id=config.eos_id, pad_id=config.pad_id)
     except (OSError, ValueError) as e:
         raise DataConfigError("tokenizer_path", str(e)) from e
     return tokenizer, _chat_format(config, tokenizer)

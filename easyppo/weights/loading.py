@@ -24,9 +24,9 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from easyppo.core import paths, precision, sharding
+from easyppo.core import precision, sharding
 from easyppo.models import llama, partitioning
-from easyppo.weights import hf_mapping, huggingface, model_checkpoint, run_directory
+from easyppo.weights import hf_mapping, hub, huggingface, model_checkpoint, run_directory
 
 ARCHITECTURE_OVERRIDES = (
     "vocab_size",
@@ -122,7 +122,7 @@ def _with_overrides(stored: llama.LlamaConfig, cfg: ml_collections.ConfigDict) -
 
 
 def _stored_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
-    path = epath.Path(paths.resolve(cfg.init_from))
+    path = epath.Path(hub.local_source(cfg.init_from, key="model.init_from"))
     if not path.exists():
         raise FileNotFoundError(f"model.init_from={cfg.init_from!r} does not exist")
     return _read_architecture(str(path), _modification_stamp(path))
@@ -233,7 +233,7 @@ def stored_model_kind(path: str) -> str | None:
 
 
 def _load_weights(cfg, config, kind, mesh, rules) -> tuple[str, dict]:
-    path = epath.Path(paths.resolve(cfg.init_from))
+    path = epath.Path(hub.local_source(cfg.init_from, key="model.init_from"))
     stored = stored_model_kind(str(path))
     if (path / model_checkpoint.MODEL_METADATA_FILE).exists():
         _, _, params = model_checkpoint.load_checkpoint(str(path), mesh=mesh, rules=rules, param_dtype=cfg.param_dtype)
