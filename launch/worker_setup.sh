@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on one machine (each TPU VM worker, via launch/tpu_setup.sh): creates .venv in this checkout
-# and installs easyppo with the Hugging Face extras and the TPU build of JAX.
+# with Python >= 3.11 (a standalone build through uv where the image has only 3.10) and installs
+# easyppo with the Hugging Face extras and the TPU build of JAX.
 #
 #   launch/worker_setup.sh [EXTRA_PIP_REQUIREMENT...]
 #
@@ -19,11 +20,33 @@ if [[ -z $jax_range ]]; then
   exit 1
 fi
 
+# jax and flax need Python >= 3.11 (setup.py's python_requires). EASYPPO_PYTHON names an interpreter;
+# otherwise python3 if it is new enough, else the newest python3.1x >= 3.11 on the PATH.
+find_python() {
+  local candidate
+  for candidate in ${EASYPPO_PYTHON:-} python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" > /dev/null 2>&1 &&
+      "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2> /dev/null; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
 if [[ ! -x $venv/bin/python ]]; then
-  # Ubuntu images ship python3 without the venv module; TPU VM users have passwordless sudo.
-  python3 -m venv "$venv" 2>/dev/null || {
-    sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv && python3 -m venv "$venv"
-  }
+  if python=$(find_python); then
+    # Ubuntu images ship python3 without the venv module; TPU VM users have passwordless sudo.
+    "$python" -m venv "$venv" 2> /dev/null || {
+      sudo apt-get update -qq && sudo apt-get install -y -qq "$(basename "$python")-venv" && "$python" -m venv "$venv"
+    }
+  else
+    # The TPU VM images (tpu-ubuntu2204-base, v2-alpha-tpuv5-lite) ship Python 3.10: take a standalone
+    # CPython 3.11 build through uv, which needs neither root nor a PPA.
+    echo "$host: no Python >= 3.11 on the PATH; installing CPython 3.11 with uv" >&2
+    python3 -m pip install --quiet --user uv
+    "$HOME/.local/bin/uv" venv --quiet --seed --python 3.11 "$venv"
+  fi
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet -e "${repo}[hf]" "jax[$jax_extra]$jax_range" "$@"

@@ -407,7 +407,8 @@ def test_tpu_stop_runs_worker_stop_on_every_worker(fake_cloud):
 
 
 FAKE_PYTHON3 = """#!/usr/bin/env bash
-# Stands in for the worker's python3: `-m venv DIR` makes a venv whose python records pip calls.
+# Stands in for the worker's python3 (a 3.11): `-m venv DIR` makes a venv whose python records pip calls.
+[[ $1 == -c ]] && exit 0  # worker_setup.sh's version check
 [[ $1 == -m && $2 == venv ]] || exit 1
 mkdir -p "$3/bin"
 cat > "$3/bin/python" <<'EOF'
@@ -573,3 +574,67 @@ print(json.dumps([sys.argv[1:], os.environ["JAX_LOCAL_DEVICE_IDS"]]))
     assert device_ids == "0,1,2,3"
     assert "--ntasks-per-node=1" in srun_args
     assert srun_args[-4:] == [".venv/bin/python", "-m", "easyppo.train", "--config=configs/dpo.py:demo"]
+
+
+# The TPU VM images ship Python 3.10 (too old for jax and flax): worker_setup.sh must build the venv
+# from a Python >= 3.11, through uv where the image has none. Every program it calls is a stub here.
+FAKE_VENV_PYTHON = """#!/bin/bash
+echo "$*" >> "$HOME/venv_python.log"
+[[ $1 == -c ]] && echo "jax 0.0 easyppo stub"
+exit 0
+"""
+FAKE_OLD_PYTHON3 = """#!/bin/bash
+[[ $1 == -c ]] && exit 1  # the version check: this is Python 3.10
+if [[ "$*" == "-m pip install --quiet --user uv" ]]; then
+  mkdir -p "$HOME/.local/bin" && cp "$FAKE_UV" "$HOME/.local/bin/uv" && exit 0
+fi
+exit 3
+"""
+FAKE_UV = """#!/bin/bash
+echo "$*" > "$HOME/uv.args"
+venv="${@: -1}"
+mkdir -p "$venv/bin" && cp "$FAKE_VENV_PYTHON" "$venv/bin/python"
+"""
+FAKE_PYTHON311 = """#!/bin/bash
+[[ $1 == -c ]] && exit 0
+if [[ $1 == -m && $2 == venv ]]; then
+  echo "$3" > "$HOME/python311_venv" && mkdir -p "$3/bin" && cp "$FAKE_VENV_PYTHON" "$3/bin/python" && exit 0
+fi
+exit 3
+"""
+
+
+@pytest.mark.parametrize("image", ["python3.10 only", "python3.11 present"])
+def test_worker_setup_builds_the_venv_from_python_3_11_or_newer(tmp_path, image):
+    repo, home, bin_dir = tmp_path / "easyppo", tmp_path / "home", tmp_path / "bin"
+    shutil.copytree(LAUNCH, repo / "launch")
+    shutil.copy(REPO / "setup.py", repo / "setup.py")
+    home.mkdir()
+    for tool in ("bash", "sed", "head", "hostname", "dirname", "basename", "mkdir", "cp"):
+        (bin_dir / tool).parent.mkdir(parents=True, exist_ok=True)
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    stubs = {
+        name: write_executable(tmp_path / "stubs" / name, text)
+        for name, text in (("venv_python", FAKE_VENV_PYTHON), ("uv", FAKE_UV))
+    }
+    write_executable(bin_dir / "python3", FAKE_OLD_PYTHON3)
+    if image == "python3.11 present":
+        write_executable(bin_dir / "python3.11", FAKE_PYTHON311)
+    env = dict(HOME=str(home), PATH=str(bin_dir), FAKE_UV=str(stubs["uv"]), FAKE_VENV_PYTHON=str(stubs["venv_python"]))
+    result = subprocess.run(
+        [str(bin_dir / "bash"), str(repo / "launch" / "worker_setup.sh")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    if image == "python3.10 only":
+        assert (home / "uv.args").read_text().split() == [
+            "venv",
+            "--quiet",
+            "--seed",
+            "--python",
+            "3.11",
+            str(repo / ".venv"),
+        ]
+    else:
+        assert (home / "python311_venv").read_text().strip() == str(repo / ".venv") and not (home / "uv.args").exists()
+    installs = (home / "venv_python.log").read_text().splitlines()
+    assert any(line.startswith(f"-m pip install --quiet -e {repo}[hf] jax[tpu]") for line in installs), installs
