@@ -291,3 +291,6 @@ def test_convert_to_hf_exports_any_step_of_a_finished_run(tmp_path, small_data):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "last")  # complete: tokenizer and template
     assert tokenizer.pad_token_id == 3 and tokenizer.chat_template
     assert json.loads((tmp_path / "last" / "generation_config.json").read_text())["eos_token_id"]
+    # A run names its own pad id and tokenizer: flags that would be ignored are refused.
+    assert convert_cli.main(["to-hf", str(run_dir), str(tmp_path / "x"), "--tokenizer_dir", str(tmp_path)]) == 2
+    assert not (tmp_path / "x").exists()

@@ -71,6 +71,37 @@ def _is_run(path: str) -> bool:
     return run_directory.is_run_directory(path) or run_directory.is_run_directory(f"{path.rstrip('/')}/checkpoints")
 
 
+def _to_hf(args: argparse.Namespace, mesh) -> tuple[str, list[str], str | None]:
+    """Writes the export; returns (kind, weight files, the model checkpoint ``--verify`` compares the
+    export with, or None for a train run, whose export is compared with transformers alone)."""
+    if _is_run(args.checkpoint_dir):
+        # A run's export takes its pad id and tokenizer from the run itself.
+        for flag in ("pad_token_id", "tokenizer_dir"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag}: {args.checkpoint_dir} is a train run, which names its own")
+        _, kind, files = export_run_checkpoint(
+            args.checkpoint_dir,
+            args.out_dir,
+            step=args.step,
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_size,
+            mesh=mesh,
+        )
+        return kind, files, None
+    if args.step is not None:
+        raise ValueError(f"--step: {args.checkpoint_dir} is a model checkpoint (one step), not a train run")
+    _, kind, files = convert_easyppo_to_hf(
+        args.checkpoint_dir,
+        args.out_dir,
+        dtype=args.dtype,
+        pad_token_id=args.pad_token_id,
+        tokenizer_dir=args.tokenizer_dir,
+        max_shard_bytes=args.max_shard_size,
+        mesh=mesh,
+    )
+    return kind, files, args.checkpoint_dir
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="easyppo convert",
@@ -162,36 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.verify:
                 result = verify(args.hf_dir, checkpoint_dir=args.out_dir, **verify_options)
                 return _print_verify(result, args.tolerance)
-        elif args.command == "to-hf" and _is_run(args.checkpoint_dir):
-            _, kind, files = export_run_checkpoint(
-                args.checkpoint_dir,
-                args.out_dir,
-                step=args.step,
-                dtype=args.dtype,
-                max_shard_bytes=args.max_shard_size,
-                mesh=mesh,
-            )
-            architecture = CAUSAL_LM_ARCHITECTURE if kind == "causal_lm" else SCORE_ARCHITECTURE
-            print(f"wrote {architecture} {args.out_dir}: {', '.join(files)}")
-            if args.verify:  # the export, read back by easyppo, against transformers
-                result = verify(args.out_dir, kind=kind, **verify_options)
-                return _print_verify(result, args.tolerance)
         elif args.command == "to-hf":
-            if args.step is not None:
-                raise ValueError(f"--step: {args.checkpoint_dir} is a model checkpoint (one step), not a train run")
-            config, kind, files = convert_easyppo_to_hf(
-                args.checkpoint_dir,
-                args.out_dir,
-                dtype=args.dtype,
-                pad_token_id=args.pad_token_id,
-                tokenizer_dir=args.tokenizer_dir,
-                max_shard_bytes=args.max_shard_size,
-                mesh=mesh,
-            )
+            kind, files, reference = _to_hf(args, mesh)
             architecture = CAUSAL_LM_ARCHITECTURE if kind == "causal_lm" else SCORE_ARCHITECTURE
             print(f"wrote {architecture} {args.out_dir}: {', '.join(files)}")
             if args.verify:
-                result = verify(args.out_dir, checkpoint_dir=args.checkpoint_dir, kind=kind, **verify_options)
+                result = verify(args.out_dir, checkpoint_dir=reference, kind=kind, **verify_options)
                 return _print_verify(result, args.tolerance)
         else:
             result = verify(args.hf_dir, checkpoint_dir=args.checkpoint, kind=args.kind, **verify_options)

@@ -2,10 +2,11 @@
 natively, and in float32 elsewhere.
 
 Master weights and optimizer state stay in ``model.param_dtype`` (float32 by default) either way;
-only the matmuls and activations change precision. Measured on the side-by-side workload
-(docs/performance.md): bfloat16 compute is 15-20% faster on CPUs with AMX (Intel Sapphire Rapids
-and later), but slower on AVX2-only CPUs, which convert every bfloat16 operand back to float32. TPUs
-and GPUs run bfloat16 matmuls at several times their float32 rate.
+only the matmuls and activations change precision. On the side-by-side workload
+(docs/performance.md) bfloat16 compute was 15-20% faster on an Intel Xeon with AMX and slower on
+AVX2-only CPUs (the performance issue's measurements, not repeated here), and no faster on a 2-core
+AMD EPYC with AVX512-BF16 (measured 2026-11-30). TPUs and GPUs run bfloat16 matmuls at several times
+their float32 rate.
 """
 
 from __future__ import annotations

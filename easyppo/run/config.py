@@ -109,15 +109,10 @@ def resolve_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
         if not config.logging.directory:
             config.logging.directory = os.path.join(config.output_dir, "logs")
         # Orbax needs absolute paths, and a run should not change meaning with the working directory.
-        config.checkpoint.directory = absolute(config.checkpoint.directory)
-        config.logging.directory = absolute(config.logging.directory)
-        config.train.export_hf_dir = absolute(config.train.export_hf_dir)
+        config.checkpoint.directory = paths.resolve(config.checkpoint.directory)
+        config.logging.directory = paths.resolve(config.logging.directory)
+        config.train.export_hf_dir = paths.resolve(config.train.export_hf_dir)
     return config
-
-
-def absolute(path: str) -> str:
-    """``path`` made absolute unless it is empty or a URL such as ``gs://bucket/dir``."""
-    return paths.resolve(path)
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunPlan:
