@@ -44,9 +44,12 @@ setup(
             "ruff==0.17.6",
             "math-verify==0.9.0",
             "matplotlib>=3.8",
+            "gcsfs>=2024.6",
+            "gcp-storage-emulator==2026.7.19",  # a local GCS server: gs:// paths tested end to end
         ],
         "plot": ["matplotlib>=3.8"],  # easyppo plot, and the demo's pictures
         "math": ["math-verify==0.9.0"],  # the 'math_verify' reward (mathematical equivalence)
+        "gcs": ["gcsfs>=2024.6"],  # gs:// paths for data, tokenizers, checkpoints, logs and exports
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
         "tfds": ["tensorflow-datasets>=4.9"],
         "wandb": ["wandb"],

@@ -9,7 +9,7 @@
 #     unpacked into $EASYPPO_REMOTE_DIR, replacing the code there but keeping its .venv and runs/;
 #   * a git URL: cloned into $EASYPPO_REMOTE_DIR on every worker, or fast-forwarded if already there.
 # Then every worker runs launch/worker_setup.sh from that code: a virtualenv in .venv with
-# `pip install -e .[hf]` and the `jax[tpu]` wheel in setup.py's jax version range.
+# `pip install -e .[hf,gcs]` (gs:// paths need gcsfs) and the `jax[tpu]` wheel in setup.py's jax version range.
 #
 # Run it again after changing the code: every worker must run the same version.
 # Settings: EASYPPO_REMOTE_DIR, GCLOUD_FLAGS (see launch/lib.sh), and EASYPPO_PIP_EXTRA (more pip

@@ -49,5 +49,5 @@ if [[ ! -x $venv/bin/python ]]; then
   fi
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e "${repo}[hf]" "jax[$jax_extra]$jax_range" "$@"
+"$venv/bin/python" -m pip install --quiet -e "${repo}[hf,gcs]" "jax[$jax_extra]$jax_range" "$@"
 echo "$host: $("$venv/bin/python" -c 'import jax, easyppo; print("jax", jax.__version__, "easyppo", easyppo.__file__)')"

@@ -463,7 +463,7 @@ def test_tpu_setup_copies_a_local_checkout_and_installs_pinned_jax_tpu(fake_clou
     assert all(path.exists() for path in kept)
     assert not (home / "easyppo-src.tar.gz").exists()
     pip_calls = (home / "pip.calls").read_text().splitlines()
-    assert pip_calls[-1] == f"-m pip install --quiet -e {repo}[hf] {expected_jax_tpu_requirement()}"
+    assert pip_calls[-1] == f"-m pip install --quiet -e {repo}[hf,gcs] {expected_jax_tpu_requirement()}"
 
 
 def test_tpu_setup_clones_a_git_url_on_every_worker(fake_cloud, tmp_path):
@@ -484,7 +484,7 @@ def test_tpu_setup_clones_a_git_url_on_every_worker(fake_cloud, tmp_path):
     assert "--worker=all" in ssh
     assert (home / "git.calls").read_text().splitlines() == [f"clone {url} easyppo"]
     pip_calls = (home / "pip.calls").read_text().splitlines()
-    requirements = f"{home / 'easyppo'}[hf] {expected_jax_tpu_requirement()} torch wandb"
+    requirements = f"{home / 'easyppo'}[hf,gcs] {expected_jax_tpu_requirement()} torch wandb"
     assert pip_calls[-1] == f"-m pip install --quiet -e {requirements}"
 
 
@@ -637,4 +637,4 @@ def test_worker_setup_builds_the_venv_from_python_3_11_or_newer(tmp_path, image)
     else:
         assert (home / "python311_venv").read_text().strip() == str(repo / ".venv") and not (home / "uv.args").exists()
     installs = (home / "venv_python.log").read_text().splitlines()
-    assert any(line.startswith(f"-m pip install --quiet -e {repo}[hf] jax[tpu]") for line in installs), installs
+    assert any(line.startswith(f"-m pip install --quiet -e {repo}[hf,gcs] jax[tpu]") for line in installs), installs

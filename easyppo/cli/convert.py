@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from easyppo.core import files
 from easyppo.core import sharding as sharding_lib
 from easyppo.run import distributed
 from easyppo.run.export_checkpoint import export_run_checkpoint
@@ -177,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         distributed.initialize()  # every host of a pod runs the same command (EASYPPO_DISTRIBUTED)
         mesh = sharding_lib.make_mesh(args.mesh) if getattr(args, "mesh", None) is not None else None
+        for name in ("hf_dir",):  # read by safetensors and transformers, which need local files
+            if getattr(args, name, None):
+                setattr(args, name, files.local_mirror(getattr(args, name)))
         if args.command == "to-easyppo":
             config, kind = convert_hf_to_easyppo(
                 args.hf_dir,
@@ -194,11 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = verify(args.hf_dir, checkpoint_dir=args.out_dir, **verify_options)
                 return _print_verify(result, args.tolerance)
         elif args.command == "to-hf":
-            kind, files, reference = _to_hf(args, mesh)
+            destination = args.out_dir
+            with files.staged_directory(destination) as args.out_dir:  # gs://: written locally, then uploaded
+                kind, weight_files, reference = _to_hf(args, mesh)
+                if args.verify:
+                    result = verify(args.out_dir, checkpoint_dir=reference, kind=kind, **verify_options)
             architecture = CAUSAL_LM_ARCHITECTURE if kind == "causal_lm" else SCORE_ARCHITECTURE
-            print(f"wrote {architecture} {args.out_dir}: {', '.join(files)}")
+            print(f"wrote {architecture} {destination}: {', '.join(weight_files)}")
             if args.verify:
-                result = verify(args.out_dir, checkpoint_dir=reference, kind=kind, **verify_options)
                 return _print_verify(result, args.tolerance)
         else:
             result = verify(args.hf_dir, checkpoint_dir=args.checkpoint, kind=args.kind, **verify_options)

@@ -21,7 +21,7 @@ def demo_runs() -> pathlib.Path:
 def apply_demo_settings(c, *, output_name: str) -> None:
     """The bundled demo: the tiny model and tokenizer, short sequences, CPU-sized batches."""
     c.output_dir = str(demo_runs() / output_name)
-    c.train.export_hf_dir = str(demo_runs() / output_name / "hf")
+    c.train.export_hf_dir = c.get_ref("output_dir") + "/hf"  # follows an overridden output_dir
     c.model.preset = "tiny"
     c.model.vocab_size = 512
     c.model.pad_token_id = 3

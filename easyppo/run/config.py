@@ -142,6 +142,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
 
 
 def _check_run(config, algorithm: Algorithm, options, *, num_devices: int, process_count: int) -> None:
+    local_caches = {"data.cache_dir": config.data.cache_dir}
+    if hasattr(options, "reference_cache_dir"):
+        local_caches[f"{config.algorithm}.reference_cache_dir"] = options.reference_cache_dir
+    for key, value in local_caches.items():
+        if value and paths.is_remote(value):
+            raise ConfigError(key, f"{value!r} must be a local directory: it caches this host's own data")
     if config.data.kind != algorithm.data_kind:
         raise ConfigError(
             "data.kind", f"{config.algorithm} trains on {algorithm.data_kind!r} rows, not {config.data.kind!r}"

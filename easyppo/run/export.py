@@ -11,12 +11,17 @@ something else is refused before training starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 
 import jax
 from etils import epath
 
+from easyppo.core import files, paths
 from easyppo.run.config import ConfigError
 
 MARKER_FILE = "easyppo_export.json"
@@ -63,33 +68,53 @@ def export_run(
     """Runs ``export(staging_dir) -> directories`` and publishes each directory atomically.
 
     ``finish(directory)`` completes each one before it is published (the tokenizer files). Every
-    process runs the export (saving gathers sharded parameters); process 0 alone publishes.
+    process runs the export (saving gathers sharded parameters); process 0 alone publishes. A remote
+    ``export_dir`` (``gs://...``) is written on local disk first (the weight writers need local
+    files), uploaded to the remote staging name, and published from there by the same renames.
     """
     base = export_dir.rstrip("/")
     staging = base + STAGING_SUFFIX
     writer = jax.process_index() == 0
     if writer:
         _remove_staging(base)
-    directories = export(staging)
-    finals = [base + directory[len(staging) :] for directory in directories]
-    if not writer:
-        return finals
-    for directory in directories:
-        finish(directory)
-        marker = {
-            "checkpoint_directory": str(checkpoint_directory),
-            "step": step,
-            "tokenizer_fingerprint": tokenizer_fingerprint,
-        }
-        (epath.Path(directory) / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-    for directory, final in reversed(list(zip(directories, finals))):  # the main directory last
-        target = epath.Path(final)
+    with _local_staging(staging) as local:
+        directories = export(local)
+        suffixes = [directory[len(local) :] for directory in directories]
+        if not writer:
+            return [base + suffix for suffix in suffixes]
+        for directory in directories:
+            finish(directory)
+            marker = {
+                "checkpoint_directory": str(checkpoint_directory),
+                "step": step,
+                "tokenizer_fingerprint": tokenizer_fingerprint,
+            }
+            (epath.Path(directory) / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+        if local != staging:
+            for directory, suffix in zip(directories, suffixes):
+                files.upload_tree(directory, staging + suffix)
+    for suffix in reversed(suffixes):  # the main directory last
+        final, target = base + suffix, epath.Path(base + suffix)
         if target.exists():  # empty, or this run's own from an interrupted publish; never anything else
             if any(target.iterdir()) and not _holds_export_of(target, checkpoint_directory):
                 raise ExportDirectoryError(f"{final} already holds files that are not this run's export")
             target.rmtree()
-        epath.Path(directory).rename(target)
-    return finals
+        epath.Path(staging + suffix).rename(target)
+    return [base + suffix for suffix in suffixes]
+
+
+@contextlib.contextmanager
+def _local_staging(staging: str) -> Iterator[str]:
+    """``staging`` itself for a local export; for a remote one, the same name in a local temporary
+    directory that is removed afterwards."""
+    if not paths.is_remote(staging):
+        yield staging
+        return
+    root = tempfile.mkdtemp(prefix="easyppo-export-")
+    try:
+        yield os.path.join(root, epath.Path(staging).name)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _remove_staging(base: str) -> None:

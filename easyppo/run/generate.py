@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import tempfile
@@ -72,9 +73,10 @@ from typing import IO, Any
 import jax
 import numpy as np
 import tqdm
+from etils import epath
 from jax.experimental import multihost_utils
 
-from easyppo.core import sharding
+from easyppo.core import paths, sharding
 from easyppo.data import pipeline
 from easyppo.models import generation, sequences
 from easyppo.run.generate_options import GenerateOptions
@@ -167,9 +169,16 @@ def output_rows(batch: Mapping[str, np.ndarray], plan: Plan) -> list[dict[str, A
 def atomic_output(path: str) -> Iterator[IO[str]]:
     """A text file that appears at ``path`` only when the ``with`` block completes.
 
-    It is written in ``path``'s directory (so the final rename never crosses file systems) and
-    removed if the block raises, leaving whatever was at ``path`` before untouched.
+    Locally it is written in ``path``'s directory (so the final rename never crosses file systems)
+    and removed if the block raises, leaving whatever was at ``path`` before untouched. A remote
+    ``path`` (``gs://...``) is written in one upload once the block completes: an object store
+    publishes an object whole.
     """
+    if paths.is_remote(path):
+        buffer = io.StringIO()
+        yield buffer
+        epath.Path(path).write_text(buffer.getvalue())
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")

@@ -123,8 +123,12 @@ class RunLock:
     # ----------------------------------------------------------------------------------- helpers
 
     def _write(self, heartbeat: float) -> None:
+        text = json.dumps({**self._identity, "heartbeat": heartbeat})
+        if "://" in str(self.path):  # an object store publishes each write whole: no rename needed
+            self.path.write_text(text)
+            return
         staging = epath.Path(f"{self.path}.{self._identity['pid']}.tmp")
-        staging.write_text(json.dumps({**self._identity, "heartbeat": heartbeat}))
+        staging.write_text(text)
         staging.replace(self.path)  # atomic: a reader sees the old lock or the new one, never half of one
 
     def _read(self) -> dict[str, Any] | None:

@@ -30,7 +30,10 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 from ml_collections import config_dict
+
+from easyppo.core import files
 
 Scalar = bool | int | float | str
 
@@ -45,6 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     directory: local directory for metrics.jsonl, samples.jsonl and TensorBoard events. Required.
     metrics_filename / samples_filename: file names inside `directory`.
+    remote_sync_every_s: a remote `directory` (gs://...) cannot be appended to; the metrics and
+      samples files are uploaded whole this often and when the run ends.
     progress_bar: show a tqdm bar (step, ETA and the metrics named in `progress_bar_metrics`).
     samples_every_steps / samples_to_log: a table of the algorithm's samples (PPO's prompts,
       responses and scores) every N steps (0: never), with this many rows.
@@ -56,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.directory = config_dict.placeholder(str)  # metrics, samples, config.json, TensorBoard events
     config.metrics_filename = "metrics.jsonl"  # one JSON object per logged step, inside `directory`
     config.samples_filename = "samples.jsonl"  # the samples table (RL prompts, responses, scores)
+    config.remote_sync_every_s = 30.0  # gs:// logs: seconds between uploads (a kill loses at most this)
     config.progress_bar = True  # a tqdm bar with the step, ETA and `progress_bar_metrics`
     config.progress_bar_metrics = ("loss", "tokens_per_second")  # metrics shown on the progress bar
     config.samples_every_steps = 0  # log a table of samples every N steps (0: never)
@@ -75,15 +81,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line to a local file and flushes it immediately."""
+    """Appends one JSON object per line to a file: a local one gets each line at once, a remote one
+    (``gs://...``) at most every ``sync_every_s`` seconds and at ``close()``."""
 
-    def __init__(self, path: str | os.PathLike[str]):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run)
+    def __init__(self, path: str | os.PathLike[str], *, sync_every_s: float = 30.0):
+        self._file = files.AppendFile(os.fspath(path), sync_every_s=sync_every_s)
 
     def write(self, record: Mapping[str, Any]) -> None:
         self._file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False) + "\n")
-        self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -96,8 +101,8 @@ class JsonlTable:
     gives back the table of every logged step.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self._writer = JsonlWriter(path)
+    def __init__(self, path: str | os.PathLike[str], *, sync_every_s: float = 30.0):
+        self._writer = JsonlWriter(path, sync_every_s=sync_every_s)
 
     def write(self, step: int, columns: Mapping[str, Sequence[Any]]) -> None:
         for row in _rows(columns):
@@ -149,6 +154,7 @@ class MetricLogger:
                 _JsonlSink(
                     os.path.join(config.directory, config.metrics_filename),
                     os.path.join(config.directory, config.samples_filename),
+                    config.remote_sync_every_s,
                 )
             )
             if config.wandb.enabled:
@@ -160,9 +166,9 @@ class MetricLogger:
             if config.progress_bar:
                 self._sinks.append(_ProgressBar(tuple(config.progress_bar_metrics), total_steps, start_step))
             if isinstance(run_config, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
-                path = os.path.join(config.directory, RUN_CONFIG_FILENAME)
-                with open(path, "w", encoding="utf-8") as f:  # rewritten on resume: the config this attempt runs
-                    f.write(run_config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+                path = epath.Path(config.directory) / RUN_CONFIG_FILENAME
+                # Rewritten on resume: the config this attempt runs.
+                path.write_text(run_config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
                 logger.info("resolved config: %s", path)
         except BaseException:
             self.close()  # release what was opened before the failing sink
@@ -199,9 +205,9 @@ class MetricLogger:
 
 
 class _JsonlSink:
-    def __init__(self, metrics_path: str, samples_path: str):
-        self._metrics = JsonlWriter(metrics_path)
-        self._samples_path = samples_path
+    def __init__(self, metrics_path: str, samples_path: str, sync_every_s: float):
+        self._metrics = JsonlWriter(metrics_path, sync_every_s=sync_every_s)
+        self._samples_path, self._sync_every_s = samples_path, sync_every_s
         self._samples: JsonlTable | None = None  # opened on first use: most runs never log samples
 
     def write_scalars(self, step: int, scalars: Mapping[str, Scalar], wall_time: float) -> None:
@@ -209,7 +215,7 @@ class _JsonlSink:
 
     def write_samples(self, step: int, columns: Mapping[str, list[Any]]) -> None:
         if self._samples is None:
-            self._samples = JsonlTable(self._samples_path)
+            self._samples = JsonlTable(self._samples_path, sync_every_s=self._sync_every_s)
         self._samples.write(step, columns)
 
     def close(self) -> None:
@@ -301,14 +307,12 @@ def _import_optional(module: str, *, config_key: str, install: str) -> Any:
 
 def _persistent_run_id(directory: str) -> str:
     """The W&B run id kept in `directory`, made up on first use, so a resumed run logs to the same run."""
-    path = os.path.join(directory, WANDB_RUN_ID_FILENAME)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+    path = epath.Path(directory) / WANDB_RUN_ID_FILENAME
+    if path.exists():
+        return path.read_text().strip()
     run_id = secrets.token_hex(8)
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(run_id + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
     return run_id
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from easyppo.core.files import copy_file
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -97,11 +99,11 @@ def write_config(model_dir: str, config: dict[str, Any]) -> None:
 def copy_companion_files(src_dir: str, dst_dir: str) -> list[str]:
     """Copies the tokenizer / chat-template / generation files present in ``src_dir``; returns their names."""
     copied = []
-    os.makedirs(dst_dir, exist_ok=True)
+    source, target = epath.Path(src_dir), epath.Path(dst_dir)  # either may be remote (gs://...)
+    target.mkdir(parents=True, exist_ok=True)
     for name in COMPANION_FILES:
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(dst_dir, name))
+        if (source / name).is_file():
+            copy_file(source / name, target / name)
             copied.append(name)
     return copied
 

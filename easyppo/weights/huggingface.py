@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from easyppo.core import sharding as sharding_lib
+from easyppo.core.files import local_mirror
 from easyppo.models import partitioning
 from easyppo.models.llama import LlamaConfig, make_model
 from easyppo.weights import hf_files, hf_mapping
@@ -165,6 +166,7 @@ def load_hf(
     only its own slice of each tensor from disk.
     """
     hf_mapping.check_kind(kind)
+    path = local_mirror(path)  # safetensors maps local files: a gs:// directory is copied once
     hf_config = hf_files.read_config(path)
     hf_mapping.check_architecture(hf_config, path, kind)
     with hf_files.HFCheckpoint(path) as checkpoint:

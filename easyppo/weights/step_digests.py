@@ -5,6 +5,10 @@ After a step is finalised, ``record`` writes ``easyppo_digests.json`` into it (a
 file, by relative path); ``check`` recomputes them before a resume and names the first file that
 differs, is missing or is new. A step without the file (written before digests, or killed between
 finalising and recording) is not checked.
+
+In an object store (``gs://...``) the files are not read back: that would download every saved
+state again. The store already checksums each object on upload, so the digest of a remote file is
+its size and the store's own checksum (GCS's CRC32C or MD5, S3's ETag), read from its listing.
 """
 
 from __future__ import annotations
@@ -12,17 +16,24 @@ from __future__ import annotations
 import hashlib
 import json
 
+import fsspec
 from etils import epath
+
+from easyppo.core import paths
 
 DIGESTS_FILE = "easyppo_digests.json"
 _CHUNK = 1 << 22
 
 
 def compute(step_dir: epath.Path) -> dict[str, str]:
-    """SHA-256 of every file below ``step_dir`` (except the digests file), by relative path."""
+    """SHA-256 of every file below ``step_dir`` (except the digests file), by relative path; the
+    store's checksums for a remote one (module doc)."""
     digests = {}
     for path in _files(step_dir):
         if path.name == DIGESTS_FILE:
+            continue
+        if paths.is_remote(str(path)):
+            digests[str(path.relative_to(step_dir))] = _stored_checksum(str(path))
             continue
         digest = hashlib.sha256()
         with path.open("rb") as f:
@@ -30,6 +41,14 @@ def compute(step_dir: epath.Path) -> dict[str, str]:
                 digest.update(chunk)
         digests[str(path.relative_to(step_dir))] = digest.hexdigest()
     return digests
+
+
+def _stored_checksum(url: str) -> str:
+    """``size:checksum`` of a remote object, from the store's metadata (no download)."""
+    filesystem, path = fsspec.core.url_to_fs(url)
+    info = filesystem.info(path)
+    checksum = next((str(info[key]) for key in ("crc32c", "md5Hash", "ETag", "etag") if info.get(key)), "")
+    return f"{info.get('size')}:{checksum}"
 
 
 def _files(directory: epath.Path) -> list[epath.Path]:
@@ -45,8 +64,12 @@ def record(step_dir: epath.Path) -> None:
     target = step_dir / DIGESTS_FILE
     if target.exists():
         return
+    text = json.dumps(compute(step_dir), indent=1, sort_keys=True)
+    if paths.is_remote(str(step_dir)):  # an object appears whole: no staging name needed
+        target.write_text(text)
+        return
     staging = step_dir / (DIGESTS_FILE + ".tmp")
-    staging.write_text(json.dumps(compute(step_dir), indent=1, sort_keys=True))
+    staging.write_text(text)
     staging.rename(target)
 
 
