@@ -442,3 +442,55 @@ def test_relative_paths_work_everywhere_and_leave_no_stray_folders(tmp_path, mon
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
     config, _, params = loading.load_model(model, "causal_lm", mesh=mesh, rng=jax.random.key(0))
     assert config.vocab_size == TINY["vocab_size"] and params["lm_head"]["kernel"].shape == (16, 64)
+
+
+# ------------------------------------------------------------------------------- pushing to the hub
+
+
+class _RecordingHub:
+    """Stands in for huggingface_hub.HfApi (the hub is out of reach here): records the calls and
+    keeps a copy of what would be uploaded, so the test sees exactly what a user would publish."""
+
+    calls: list = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def create_repo(self, repo_id, *, private=False, exist_ok=False, **kwargs):
+        self.calls.append(("create_repo", repo_id, private))
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_branch(self, repo_id, *, branch, exist_ok=False, **kwargs):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, *, folder_path, repo_id, revision=None, commit_message="", **kwargs):
+        self.calls.append(("upload_folder", repo_id, revision, sorted(os.listdir(folder_path))))
+
+
+def test_to_hf_pushes_the_finished_export_to_a_hub_repository(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _RecordingHub)
+    _RecordingHub.calls = []
+    hf_dir = _hf_dir(tmp_path / "hf")
+    assert convert_cli.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt")]) == 0
+    argv = ["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--push_to_hub=me/tiny@v1", "--private"]
+    assert convert_cli.main(argv) == 0
+    assert _RecordingHub.calls[:2] == [("create_repo", "me/tiny", True), ("create_branch", "me/tiny", "v1")]
+    name, repo, revision, uploaded = _RecordingHub.calls[2]
+    assert (name, repo, revision) == ("upload_folder", "me/tiny", "v1")
+    assert {"config.json", "model.safetensors"} <= set(uploaded)
+    assert "pushed to https://huggingface.co/me/tiny" in capsys.readouterr().out
+
+
+def test_a_push_the_hub_refuses_is_one_line_naming_the_repository(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hf_dir = _hf_dir(tmp_path / "hf")
+    assert convert_cli.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--push_to_hub=me/tiny"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "'me/tiny'" in err[0], err
+    assert (tmp_path / "out" / "model.safetensors").exists()  # the export itself stays

@@ -11,13 +11,14 @@ import re
 import sys
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 
 from easyppo.core import files
 from easyppo.core import sharding as sharding_lib
 from easyppo.run import distributed
 from easyppo.run.export_checkpoint import export_run_checkpoint
-from easyppo.weights import hf_files, run_directory
+from easyppo.weights import hf_files, hub, run_directory
 from easyppo.weights.hf_mapping import CAUSAL_LM_ARCHITECTURE, DTYPES, KINDS, SCORE_ARCHITECTURE
 from easyppo.weights.model_checkpoint import convert_easyppo_to_hf, convert_hf_to_easyppo
 from easyppo.weights.verify import VerifyResult, verify
@@ -142,6 +143,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="split the weights into files of at most this size (default 5GiB)",
     )
     to_hf.add_argument("--verify", action="store_true", help="afterwards, compare with transformers")
+    to_hf.add_argument(
+        "--push_to_hub",
+        metavar="ORG/NAME[@BRANCH]",
+        help="then upload the export to this hub repository (created if needed; token from $HF_TOKEN)",
+    )
+    to_hf.add_argument("--private", action="store_true", help="with --push_to_hub: create the repository private")
 
     check = commands.add_parser("verify", help="compare easyppo's logits/scores with transformers'")
     check.add_argument("hf_dir", help="Hugging Face model directory (the reference)")
@@ -203,14 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kind, weight_files, reference = _to_hf(args, mesh)
                 if args.verify:
                     result = verify(args.out_dir, checkpoint_dir=reference, kind=kind, **verify_options)
-            architecture = CAUSAL_LM_ARCHITECTURE if kind == "causal_lm" else SCORE_ARCHITECTURE
-            print(f"wrote {architecture} {destination}: {', '.join(weight_files)}")
-            if args.verify:
-                return _print_verify(result, args.tolerance)
+                architecture = CAUSAL_LM_ARCHITECTURE if kind == "causal_lm" else SCORE_ARCHITECTURE
+                print(f"wrote {architecture} {destination}: {', '.join(weight_files)}")
+                if args.verify and _print_verify(result, args.tolerance):
+                    return 1  # a failed check publishes nothing
+                if args.push_to_hub and jax.process_index() == 0:
+                    url = hub.push_folder(args.out_dir, args.push_to_hub, private=args.private)
+                    print(f"pushed to {url}")
         else:
             result = verify(args.hf_dir, checkpoint_dir=args.checkpoint, kind=args.kind, **verify_options)
             return _print_verify(result, args.tolerance)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:
         if args.verbose:
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -46,3 +46,33 @@ def local_source(source: str, *, key: str) -> str:
         raise FileNotFoundError(
             f"{named} is not a local path, and the Hugging Face hub could not provide it: {reason}"
         ) from e
+
+
+def push_folder(folder: str, repo: str, *, private: bool = False, message: str = "") -> str:
+    """Uploads the Hugging Face directory ``folder`` to the hub repository ``repo`` (``org/name`` or
+    ``org/name@branch``), creating the repository if needed; returns its URL.
+
+    The token comes from ``$HF_TOKEN`` (or ``hf auth login``). Failures (offline, no access, a bad
+    name) are one line naming the repository.
+    """
+    if not is_hub_name(repo):
+        raise ValueError(f"--push_to_hub={repo!r} is not a hub repository name (org/name or org/name@branch)")
+    repo_id, _, branch = repo.partition("@")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            revision=branch or None,
+            commit_message=message or "Upload model exported by easyppo",
+        )
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise OSError(f"pushing to the Hugging Face hub repository {repo!r} failed: {reason}") from e
+    return str(url)
