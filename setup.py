@@ -51,6 +51,7 @@ setup(
         "math": ["math-verify==0.9.0"],  # the 'math_verify' reward (mathematical equivalence)
         "gcs": ["gcsfs>=2024.6"],  # gs:// paths for data, tokenizers, checkpoints, logs and exports
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
+        "verify": ["torch>=2.4", "transformers>=5,<6"],  # easyppo convert verify / --verify
         "tfds": ["tensorflow-datasets>=4.9"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboardX"],

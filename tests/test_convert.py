@@ -494,3 +494,17 @@ def test_a_push_the_hub_refuses_is_one_line_naming_the_repository(tmp_path, monk
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "'me/tiny'" in err[0], err
     assert (tmp_path / "out" / "model.safetensors").exists()  # the export itself stays
+
+
+def test_verify_without_torch_says_what_to_install_before_converting_anything(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    hf_dir = _hf_dir(tmp_path / "hf")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a)
+    )
+    assert convert_cli.main(["to-easyppo", hf_dir, str(tmp_path / "ckpt"), "--verify"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "pip install 'easyppo[verify]'" in err[0], err
+    assert not (tmp_path / "ckpt").exists()

@@ -21,7 +21,7 @@ from easyppo.run.export_checkpoint import export_run_checkpoint
 from easyppo.weights import hf_files, hub, run_directory
 from easyppo.weights.hf_mapping import CAUSAL_LM_ARCHITECTURE, DTYPES, KINDS, SCORE_ARCHITECTURE
 from easyppo.weights.model_checkpoint import convert_easyppo_to_hf, convert_hf_to_easyppo
-from easyppo.weights.verify import VerifyResult, verify
+from easyppo.weights.verify import VerifyResult, require_transformers, verify
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -183,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     verify_options = dict(dtype=args.verify_dtype, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
     try:
+        if args.command == "verify" or getattr(args, "verify", False):
+            require_transformers()  # before converting anything
         distributed.initialize()  # every host of a pod runs the same command (EASYPPO_DISTRIBUTED)
         mesh = sharding_lib.make_mesh(args.mesh) if getattr(args, "mesh", None) is not None else None
         for name in ("hf_dir",):  # read by safetensors and transformers, which need local files
@@ -220,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             result = verify(args.hf_dir, checkpoint_dir=args.checkpoint, kind=args.kind, **verify_options)
             return _print_verify(result, args.tolerance)
-    except (OSError, ValueError) as e:
+    except (ImportError, OSError, ValueError) as e:
         if args.verbose:
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

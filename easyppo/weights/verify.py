@@ -9,6 +9,7 @@ difference of logits (or scores, or values) against the scale of the outputs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 
@@ -62,6 +63,17 @@ def random_padded_batch(
     return ids, mask
 
 
+def require_transformers() -> None:
+    """Raises a one-line ``ImportError`` saying what to install when torch or transformers is missing;
+    called before anything is converted, so a ``--verify`` cannot fail after the work is done."""
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"checking against transformers needs {' and '.join(missing)}: pip install 'easyppo[verify]' "
+            "(a CPU build of torch is enough)"
+        )
+
+
 def _transformers_outputs(hf_dir: str, kind: str, dtype: str, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     """Per row, transformers' output on that row's tokens alone (no padding), in float32 NumPy."""
     import torch
@@ -103,6 +115,7 @@ def verify(
     conversion rather than rounding). easyppo sees one left/right-padded batch; ``transformers`` sees
     each row's real tokens alone, so padding and position handling are checked too.
     """
+    require_transformers()
     if checkpoint_dir is not None:
         config, stored_kind, params = load_checkpoint(checkpoint_dir, param_dtype=dtype)
         kind = kind or stored_kind
