@@ -25,6 +25,7 @@ from easyppo.data.tokenizer import load_tokenizer
 from easyppo.models import generation, llama
 from easyppo.run import generate as generate_lib
 from easyppo.run import generate_options
+from easyppo.run.generate_plan import plan_run
 from easyppo.weights import huggingface
 
 PAD = 3  # the demo tokenizer's <pad>
@@ -400,3 +401,10 @@ def test_a_prompt_with_an_output_file_writes_the_rows(setup, greedy_rows, tmp_pa
 def test_inline_prompt_mistakes_are_one_line(setup, capsys, extra, message):
     assert generate_cli.main(inline_flags(setup, *extra)) == 2
     assert error_line(capsys).startswith(message)
+
+
+def test_without_max_new_tokens_a_completion_gets_the_positions_the_model_has_left(setup, tmp_path):
+    plan = plan_run(options(setup, tmp_path / "out.jsonl", max_new_tokens=None))
+    room = MODEL.max_position_embeddings - plan.prompt_width
+    assert room < generate_options.DEFAULT_MAX_NEW_TOKENS  # the tiny model's 64 positions bind
+    assert plan.sampling.max_new_tokens == plan.options.max_new_tokens == room

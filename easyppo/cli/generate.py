@@ -26,7 +26,7 @@ from easyppo.data.chat import FORMAT_NAMES
 from easyppo.data.examples import TRUNCATION_MODES
 from easyppo.run import distributed
 from easyppo.run.generate import generate_file
-from easyppo.run.generate_options import DTYPES, GenerateOptions
+from easyppo.run.generate_options import DEFAULT_MAX_NEW_TOKENS, DTYPES, GenerateOptions
 
 
 def _token(text: str) -> int | str:
@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--chat_format", default="", help=f"{'|'.join(FORMAT_NAMES)} (default: the run's, else tulu)")
     add("--pad_id", type=_token, default=None, help="pad token, an id or a string (default: the tokenizer's)")
     add("--reward_model", default="", help="a reward model to score every completion with")
-    add("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    add(
+        "--max_new_tokens",
+        type=int,
+        default=defaults.max_new_tokens,
+        help=f"tokens per completion (default {DEFAULT_MAX_NEW_TOKENS}, fewer if the model has fewer positions left)",
+    )
     add("--temperature", type=float, default=defaults.temperature)
     add("--top_p", type=float, default=defaults.top_p, help="1 disables nucleus sampling")
     add("--top_k", type=int, default=defaults.top_k, help="0 disables top-k sampling")

@@ -31,6 +31,9 @@ class OptionError(ValueError):
         super().__init__(f"--{flag}: {detail}")
 
 
+DEFAULT_MAX_NEW_TOKENS = 128  # when --max_new_tokens is not given (and the model has the positions)
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateOptions:
     """Everything one generation run needs; the CLI flags have the same names.
@@ -46,7 +49,9 @@ class GenerateOptions:
       pad_id: pad token (an id, or a token string); None takes the tokenizer's (or the run's).
       reward_model: a reward model to score every completion with ("" for none). It must share the
         policy's tokenizer.
-      max_new_tokens, temperature, top_p, top_k, greedy: sampling (``generation.SamplingConfig``).
+      max_new_tokens: tokens to sample per completion; None: ``DEFAULT_MAX_NEW_TOKENS``, or fewer when
+        the longest prompt leaves the model fewer positions.
+      temperature, top_p, top_k, greedy: sampling (``generation.SamplingConfig``).
       num_samples: completions per prompt.
       batch_size: prompts per generation call (rounded up to fit the mesh; module docstring).
       max_prompt_len: prompt budget in tokens; longer prompts follow ``truncation``.
@@ -65,7 +70,7 @@ class GenerateOptions:
     chat_format: str = ""
     pad_id: int | str | None = None
     reward_model: str = ""
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
@@ -87,7 +92,7 @@ def check_options(options: GenerateOptions) -> None:
         if not getattr(options, flag):
             raise OptionError(flag, "is required")
     for flag in ("max_new_tokens", "num_samples", "batch_size", "max_prompt_len", "num_proc"):
-        if getattr(options, flag) < 1:
+        if getattr(options, flag) is not None and getattr(options, flag) < 1:
             raise OptionError(flag, f"must be at least 1, got {getattr(options, flag)}")
     if not options.greedy and not options.temperature > 0:
         raise OptionError("temperature", f"must be > 0, got {options.temperature} (use --greedy for argmax decoding)")

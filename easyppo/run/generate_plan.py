@@ -23,6 +23,7 @@ from easyppo.data.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_JSON, Tokenize
 from easyppo.models import generation, llama, partitioning
 from easyppo.run.generate_options import (
     DEFAULT_CHAT_FORMAT,
+    DEFAULT_MAX_NEW_TOKENS,
     GenerateOptions,
     OptionError,
     check_options,
@@ -249,9 +250,13 @@ def plan_run(options: GenerateOptions) -> Plan:
     logger.info("prompts %s: %s; %d prompts per batch", options.prompts, data.stats, per_batch)
 
     width = longest_prompt(data)
-    _check_model("checkpoint", policy_architecture, tokenizer, width, options.max_new_tokens, mesh)
-    if reward_architecture is not None:
-        _check_model("reward_model", reward_architecture, tokenizer, width, options.max_new_tokens, mesh)
+    architectures = {"checkpoint": policy_architecture, "reward_model": reward_architecture}
+    architectures = {flag: arch for flag, arch in architectures.items() if arch is not None}
+    if options.max_new_tokens is None:  # as many as the default, or as the shortest model has room for
+        room = min(arch.max_position_embeddings for arch in architectures.values()) - width
+        options = dataclasses.replace(options, max_new_tokens=max(1, min(DEFAULT_MAX_NEW_TOKENS, room)))
+    for flag, architecture in architectures.items():
+        _check_model(flag, architecture, tokenizer, width, options.max_new_tokens, mesh)
     if options.greedy and options.num_samples > 1:
         logger.warning("--greedy with --num_samples=%d: every sample of a prompt is the same", options.num_samples)
     return Plan(
