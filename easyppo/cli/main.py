@@ -17,7 +17,10 @@ from collections.abc import Sequence
 
 # subcommand -> (module with main(argv), one-line description)
 SUBCOMMANDS = {
-    "train": ("easyppo.cli.train", "run or resume a training run (SFT, reward model, DPO family, PPO)"),
+    "train": (
+        "easyppo.cli.train",
+        "run or resume a training run (SFT, reward model, DPO family, PPO, group RL, online DPO)",
+    ),
     "generate": (
         "easyppo.cli.generate",
         "sample completions for prompts (a file, stdin or --prompt), optionally scored",
