@@ -19,6 +19,7 @@ from easyppo.cli import main as cli_main
 from easyppo.cli.train import config_from_argv
 from easyppo.core import files
 from easyppo.run import config as run_config
+from easyppo.weights import step_digests
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,22 @@ def test_a_run_reads_from_and_writes_everything_to_a_bucket_and_resumes_from_it(
 
     local = {p.name for p in tmp_path.iterdir()}
     assert not any(name.startswith(("gs:", "gs")) for name in local), local
+
+
+def test_a_checkpoint_step_copied_between_disk_and_bucket_still_checks_as_intact(bucket, tmp_path):
+    local = tmp_path / "7"
+    (local / "state").mkdir(parents=True)
+    (local / "state" / "array").write_bytes(b"\x01" * 64)
+    step_digests.record(epath.Path(local))
+    in_bucket = "gs://bucket/copied/7"
+    files.upload_tree(str(local), in_bucket)  # gcloud storage cp -r runs/x gs://...
+    assert step_digests.check(epath.Path(in_bucket)) is None
+
+    saved_in_bucket = epath.Path("gs://bucket/saved/7")
+    (saved_in_bucket / "state" / "array").parent.mkdir(parents=True, exist_ok=True)
+    (saved_in_bucket / "state" / "array").write_bytes(b"\x02" * 64)
+    step_digests.record(saved_in_bucket)
+    copied_down = files.local_mirror(str(saved_in_bucket), cache_root=str(tmp_path / "cache"))
+    assert step_digests.check(epath.Path(copied_down)) is None
+    pathlib.Path(copied_down, "state", "array").write_bytes(b"\x02" * 63)  # truncated on the way
+    assert "differs in size" in step_digests.check(epath.Path(copied_down))

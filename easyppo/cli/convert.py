@@ -187,9 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_transformers()  # before converting anything
         distributed.initialize()  # every host of a pod runs the same command (EASYPPO_DISTRIBUTED)
         mesh = sharding_lib.make_mesh(args.mesh) if getattr(args, "mesh", None) is not None else None
-        for name in ("hf_dir",):  # read by safetensors and transformers, which need local files
-            if getattr(args, name, None):
-                setattr(args, name, files.local_mirror(getattr(args, name)))
+        if getattr(args, "hf_dir", None):  # read by safetensors and transformers, which need local files
+            args.hf_dir = files.local_mirror(args.hf_dir)
         if args.command == "to-easyppo":
             config, kind = convert_hf_to_easyppo(
                 args.hf_dir,

@@ -107,8 +107,11 @@ def local_mirror(path: str, cache_root: str | None = None) -> str:
             os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
             copy_file(file, os.path.join(staging, name))
         os.rename(staging, final)
-    except FileExistsError:  # another process of this host finished the same copy first
+    except OSError:
         shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.isdir(final):
+            raise
+        # else another process of this host finished the same copy first
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

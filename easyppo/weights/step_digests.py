@@ -74,7 +74,12 @@ def record(step_dir: epath.Path) -> None:
 
 
 def check(step_dir: epath.Path) -> str | None:
-    """None when the step's files match its recorded digests (or none were recorded), else what differs."""
+    """None when the step's files match its recorded digests (or none were recorded), else what differs.
+
+    A step copied between a disk and a bucket since it was saved (``gcloud storage cp -r``) carries
+    digests of the other kind: one saved in a bucket and now on disk is checked by size; one saved
+    on disk and now in a bucket by its file names (the copy itself was checksummed by the store).
+    """
     target = step_dir / DIGESTS_FILE
     if not target.exists():
         return None
@@ -84,6 +89,17 @@ def check(step_dir: epath.Path) -> str | None:
             return f"{name} is missing"
         if name not in recorded:
             return f"{name} was not part of the saved step"
-        if recorded[name] != actual[name]:
-            return f"{name} differs from its recorded digest"
+        saved_in_store, in_store = _is_store_digest(recorded[name]), _is_store_digest(actual[name])
+        if saved_in_store == in_store:
+            if recorded[name] != actual[name]:
+                return f"{name} differs from its recorded digest"
+        elif saved_in_store:
+            size = recorded[name].split(":", 1)[0]
+            if size != str((step_dir / name).stat().length):
+                return f"{name} differs in size from the saved step"
     return None
+
+
+def _is_store_digest(value: str) -> bool:
+    """Whether a recorded digest is a store's ``size:checksum`` (else a local SHA-256)."""
+    return ":" in value
