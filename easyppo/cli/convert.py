@@ -81,7 +81,7 @@ def _to_hf(args: argparse.Namespace, mesh) -> tuple[str, list[str], str | None]:
         for flag in ("pad_token_id", "tokenizer_dir"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag}: {args.checkpoint_dir} is a train run, which names its own")
-        _, kind, files = export_run_checkpoint(
+        _, kind, weight_files = export_run_checkpoint(
             args.checkpoint_dir,
             args.out_dir,
             step=args.step,
@@ -89,10 +89,10 @@ def _to_hf(args: argparse.Namespace, mesh) -> tuple[str, list[str], str | None]:
             max_shard_bytes=args.max_shard_size,
             mesh=mesh,
         )
-        return kind, files, None
+        return kind, weight_files, None
     if args.step is not None:
         raise ValueError(f"--step: {args.checkpoint_dir} is a model checkpoint (one step), not a train run")
-    _, kind, files = convert_easyppo_to_hf(
+    _, kind, weight_files = convert_easyppo_to_hf(
         args.checkpoint_dir,
         args.out_dir,
         dtype=args.dtype,
@@ -101,7 +101,7 @@ def _to_hf(args: argparse.Namespace, mesh) -> tuple[str, list[str], str | None]:
         max_shard_bytes=args.max_shard_size,
         mesh=mesh,
     )
-    return kind, files, args.checkpoint_dir
+    return kind, weight_files, args.checkpoint_dir
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copyfileobj(reader, writer, _CHUNK)
 
 
-def _files_below(root: epath.Path) -> list[tuple[str, epath.Path]]:
+def files_below(root: epath.Path) -> list[tuple[str, epath.Path]]:
     """(relative name, path) of every file below ``root``, walked level by level (no ``**`` remotely)."""
     found, pending = [], [("", root)]
     while pending:
@@ -56,27 +56,38 @@ def _files_below(root: epath.Path) -> list[tuple[str, epath.Path]]:
 def upload_tree(local_dir: str, remote_dir: str) -> None:
     """Copies every file below ``local_dir`` to the same place below ``remote_dir``."""
     target = epath.Path(remote_dir)
-    for name, source in _files_below(epath.Path(local_dir)):
+    for name, source in files_below(epath.Path(local_dir)):
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         copy_file(source, target / name)
 
 
 @contextlib.contextmanager
-def staged_directory(path: str) -> Iterator[str]:
-    """A directory to write ``path``'s contents into: ``path`` itself when local; for a remote one
-    (which must be empty or absent) a local temporary directory, uploaded to ``path`` when the block
-    completes (nothing is uploaded if it raises) and removed either way."""
+def local_stand_in(path: str) -> Iterator[str]:
+    """``path`` itself when local; for a remote one, a local path of the same name in a temporary
+    directory (not yet created), removed with everything below it when the block ends."""
     if not paths.is_remote(path):
         yield path
         return
-    if epath.Path(path).exists() and any(epath.Path(path).iterdir()):
-        raise FileExistsError(f"{path} already holds files; write into an empty or new directory")
-    local = tempfile.mkdtemp(prefix="easyppo-staged-")
+    root = tempfile.mkdtemp(prefix="easyppo-staged-")
     try:
-        yield local
-        upload_tree(local, path)
+        yield os.path.join(root, epath.Path(path).name)
     finally:
-        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(path: str) -> Iterator[str]:
+    """A directory to write ``path``'s contents into: ``path`` itself when local; for a remote one
+    (which must be empty or absent) a local stand-in, uploaded to ``path`` when the block completes
+    (nothing is uploaded if it raises)."""
+    if paths.is_remote(path) and epath.Path(path).exists() and any(epath.Path(path).iterdir()):
+        raise FileExistsError(f"{path} already holds files; write into an empty or new directory")
+    with local_stand_in(path) as local:
+        if local != path:
+            os.makedirs(local)
+        yield local
+        if local != path:
+            upload_tree(local, path)
 
 
 def default_cache_root() -> str:
@@ -95,7 +106,8 @@ def local_mirror(path: str, cache_root: str | None = None) -> str:
     if not paths.is_remote(path):
         return path
     root = epath.Path(path)
-    listing = [(name, file.stat().length) for name, file in _files_below(root)]
+    found = files_below(root)
+    listing = [(name, file.stat().length) for name, file in found]
     digest = hashlib.sha256(repr((path.rstrip("/"), listing)).encode()).hexdigest()[:24]
     final = os.path.join(cache_root or default_cache_root(), "remote", f"{root.name}-{digest}")
     if os.path.isdir(final):
@@ -103,7 +115,7 @@ def local_mirror(path: str, cache_root: str | None = None) -> str:
     os.makedirs(os.path.dirname(final), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{root.name}-", dir=os.path.dirname(final))
     try:
-        for name, file in _files_below(root):
+        for name, file in found:
             os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
             copy_file(file, os.path.join(staging, name))
         os.rename(staging, final)

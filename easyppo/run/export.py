@@ -11,17 +11,13 @@ something else is refused before training starts.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 from etils import epath
 
-from easyppo.core import files, paths
+from easyppo.core import files
 from easyppo.run.config import ConfigError
 
 MARKER_FILE = "easyppo_export.json"
@@ -77,7 +73,7 @@ def export_run(
     writer = jax.process_index() == 0
     if writer:
         _remove_staging(base)
-    with _local_staging(staging) as local:
+    with files.local_stand_in(staging) as local:
         directories = export(local)
         suffixes = [directory[len(local) :] for directory in directories]
         if not writer:
@@ -101,20 +97,6 @@ def export_run(
             target.rmtree()
         epath.Path(staging + suffix).rename(target)
     return [base + suffix for suffix in suffixes]
-
-
-@contextlib.contextmanager
-def _local_staging(staging: str) -> Iterator[str]:
-    """``staging`` itself for a local export; for a remote one, the same name in a local temporary
-    directory that is removed afterwards."""
-    if not paths.is_remote(staging):
-        yield staging
-        return
-    root = tempfile.mkdtemp(prefix="easyppo-export-")
-    try:
-        yield os.path.join(root, epath.Path(staging).name)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _remove_staging(base: str) -> None:

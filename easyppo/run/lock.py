@@ -21,6 +21,8 @@ from typing import Any
 
 from etils import epath
 
+from easyppo.core import paths
+
 logger = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
@@ -91,7 +93,7 @@ class RunLock:
 
     def _create_exclusively(self) -> bool:
         """Creates the lock if none exists, atomically where the filesystem allows (local paths)."""
-        if "://" in str(self.path):
+        if paths.is_remote(str(self.path)):
             if self.path.exists():
                 return False
             self._write(time.time())
@@ -124,7 +126,7 @@ class RunLock:
 
     def _write(self, heartbeat: float) -> None:
         text = json.dumps({**self._identity, "heartbeat": heartbeat})
-        if "://" in str(self.path):  # an object store publishes each write whole: no rename needed
+        if paths.is_remote(str(self.path)):  # an object store publishes each write whole: no rename needed
             self.path.write_text(text)
             return
         staging = epath.Path(f"{self.path}.{self._identity['pid']}.tmp")

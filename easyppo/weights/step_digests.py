@@ -19,7 +19,7 @@ import json
 import fsspec
 from etils import epath
 
-from easyppo.core import paths
+from easyppo.core import files, paths
 
 DIGESTS_FILE = "easyppo_digests.json"
 _CHUNK = 1 << 22
@@ -29,17 +29,17 @@ def compute(step_dir: epath.Path) -> dict[str, str]:
     """SHA-256 of every file below ``step_dir`` (except the digests file), by relative path; the
     store's checksums for a remote one (module doc)."""
     digests = {}
-    for path in _files(step_dir):
-        if path.name == DIGESTS_FILE:
+    for name, path in files.files_below(step_dir):
+        if name == DIGESTS_FILE:
             continue
         if paths.is_remote(str(path)):
-            digests[str(path.relative_to(step_dir))] = _stored_checksum(str(path))
+            digests[name] = _stored_checksum(str(path))
             continue
         digest = hashlib.sha256()
         with path.open("rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
-        digests[str(path.relative_to(step_dir))] = digest.hexdigest()
+        digests[name] = digest.hexdigest()
     return digests
 
 
@@ -49,14 +49,6 @@ def _stored_checksum(url: str) -> str:
     info = filesystem.info(path)
     checksum = next((str(info[key]) for key in ("crc32c", "md5Hash", "ETag", "etag") if info.get(key)), "")
     return f"{info.get('size')}:{checksum}"
-
-
-def _files(directory: epath.Path) -> list[epath.Path]:
-    """Every file below ``directory``, in a stable order (walked level by level: remote paths have no ``**``)."""
-    found = []
-    for child in sorted(directory.iterdir(), key=lambda p: p.name):
-        found.extend(_files(child) if child.is_dir() else [child])
-    return found
 
 
 def record(step_dir: epath.Path) -> None:
