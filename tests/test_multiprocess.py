@@ -233,14 +233,15 @@ def test_sft_on_two_processes_matches_one_process_with_the_same_devices(tmp_path
 
 def test_ppo_on_two_processes_matches_one_process_with_the_same_devices(tmp_path):
     """Rollouts too: sampling, reward and KL run on a batch of prompts that each host fed its share of."""
-    scratch, cache = str(tmp_path / "inputs"), str(tmp_path / "cache")
+    cache = str(tmp_path / "cache")
     runs = train_on_both_topologies(
         tmp_path,
         lambda run_dir: (
             f"""
-        # tiny_ppo_config writes its prompts file beside the run: one file per process, so that no
-        # process reads the file while another rewrites it.
-        inputs = pathlib.Path({scratch!r}) / f"process_{{os.environ.get('EASYPPO_PROCESS_ID', '0')}}"
+        # tiny_ppo_config writes its prompts file beside the run: one file per process of each
+        # topology (both topologies run at once and each has a process 0), so that no process reads
+        # the file while another rewrites it.
+        inputs = pathlib.Path({str(run_dir) + "_inputs"!r}) / f"process_{{os.environ.get('EASYPPO_PROCESS_ID', '0')}}"
         config = tiny_ppo_config(inputs, prompts=16, cache_dir={cache!r})
         config.output_dir = {str(run_dir)!r}
         config.train.num_steps = 2  # step 1's KL is 0: the policy still is the reference
