@@ -1,0 +1,60 @@
+"""The planner's building blocks: chip table, targets, and reports read from compiled programs."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from easyppo.plan import chips, report, topology
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def _matmul_report(devices, n=256):
+    mesh = Mesh(np.array(devices).reshape(-1), ("fsdp",))
+    x = jax.ShapeDtypeStruct((n, n), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+    compiled = jax.jit(lambda a, b: a @ b).lower(x, x).compile()
+    return report.report_of("matmul", compiled)
+
+
+def test_the_roofline_is_bound_by_whichever_of_compute_and_memory_is_slower():
+    v5p = chips.chip_named("v5p:4x4x8")
+    assert v5p.roofline_seconds(459e12, 0) == pytest.approx(1.0)
+    assert v5p.roofline_seconds(0, 2765e9) == pytest.approx(1.0)
+    assert v5p.roofline_seconds(459e12, 2 * 2765e9) == pytest.approx(2.0)
+
+
+def test_an_unknown_generation_names_the_known_ones():
+    with pytest.raises(ValueError, match="v3.*known: v4, v5e, v5p, v6e"):
+        chips.chip_named("v3:8x8")
+
+
+def test_the_local_target_is_this_machines_devices():
+    target = topology.resolve_target("local")
+    assert target.devices == tuple(jax.devices()) and target.chip is None and target.num_hosts == 1
+
+
+def test_a_report_agrees_with_the_arithmetic_of_a_sharded_matmul():
+    devices = jax.devices()
+    n = 256
+    result = _matmul_report(devices, n)
+    shards = len(devices)
+    assert result.argument_bytes == 2 * (n // shards) * n * 4  # each device holds its rows of both inputs
+    assert result.flops == pytest.approx(2 * n * n * n / shards, rel=0.05)
+    assert result.peak_bytes >= result.argument_bytes
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (the plan extra)")
+@pytest.mark.parametrize("name, chips_count, hosts", [("v5p:2x2x2", 8, 2), ("v5e:4x4", 16, 4), ("v6e:4x4", 16, 4)])
+def test_a_tpu_topology_compiles_on_this_cpu(name, chips_count, hosts):
+    target = topology.resolve_target(name)
+    assert (len(target.devices), target.num_hosts) == (chips_count, hosts)
+    result = _matmul_report(target.devices, 1024)
+    assert result.flops == pytest.approx(2 * 1024**3 / chips_count, rel=0.05)
+    assert result.as_dict(target.chip)["fits"]
