@@ -58,3 +58,19 @@ def test_a_tpu_topology_compiles_on_this_cpu(name, chips_count, hosts):
     result = _matmul_report(target.devices, 1024)
     assert result.flops == pytest.approx(2 * 1024**3 / chips_count, rel=0.05)
     assert result.as_dict(target.chip)["fits"]
+
+
+def _tiny(algorithm: str):
+    from easyppo.cli.train import config_from_argv
+
+    preset = {"sft": "sft:demo", "rm": "rm:demo"}[algorithm]
+    return config_from_argv(["easyppo train", f"--config={preset}", "--config.data.global_batch_size=8"])
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "rm"])
+def test_a_gradient_train_step_is_planned_without_weights_or_data(algorithm):
+    from easyppo.plan import programs
+
+    target = topology.resolve_target("local")
+    result = programs.gradient_train_step(_tiny(algorithm), target)
+    assert result.flops > 0 and result.argument_bytes > 0 and result.peak_bytes >= result.argument_bytes

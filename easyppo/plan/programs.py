@@ -1,0 +1,73 @@
+"""The programs a run executes, built abstractly on a target's devices: no weights, no data.
+
+Gradient algorithms (SFT, reward model, DPO with the reference on the fly) run one program per step,
+the trainer's jitted train step. It is lowered with the trainer's abstract state (what a resumed run
+restores into) and the worst-case batch: every row at full length, so the loss window takes its
+widest bucket. That batch is made by the real batcher from synthetic rows, so its keys, shapes and
+dtypes are exactly what training feeds.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import datasets
+import jax
+import ml_collections
+import numpy as np
+
+from easyppo.algorithms import get_algorithm
+from easyppo.algorithms.contract import RunInputs
+from easyppo.core import sharding
+from easyppo.data import pipeline
+from easyppo.data.batcher import ExampleBatcher
+from easyppo.plan.report import ProgramReport, report_of
+from easyppo.plan.topology import Target
+
+
+def worst_case_batch(config: ml_collections.ConfigDict, rows: int) -> dict[str, np.ndarray]:
+    """A batch of ``rows`` full-length rows of the run's data kind, collated by the real batcher."""
+    settings = pipeline.example_settings(config.data)
+    width = settings.max_seq_len
+    if settings.kind == "sft":
+        columns = {"input_ids": [[5] * width] * rows, "loss_mask": [[1] * width] * rows}
+    elif settings.kind == "preference":
+        prompt = width // 2
+        columns = {
+            "prompt_ids": [[5] * prompt] * rows,
+            "chosen_ids": [[6] * (width - prompt)] * rows,
+            "rejected_ids": [[7] * (width - prompt)] * rows,
+            "margin": [0.0] * rows,
+        }
+    else:
+        raise NotImplementedError(f"planning {settings.kind!r} data (the RL programs) is not built yet")
+    batcher = ExampleBatcher(
+        datasets.Dataset.from_dict(columns),
+        settings,
+        pad_id=config.data.pad_id or 0,
+        loss_window_buckets=config.data.loss_window_buckets,
+    )
+    return batcher(np.arange(rows), np.ones(rows, np.int32))
+
+
+def gradient_train_step(config: ml_collections.ConfigDict, target: Target, total_steps: int = 1) -> ProgramReport:
+    """Compiles a gradient algorithm's train step for ``target`` and reports it (module doc)."""
+    algorithm = get_algorithm(config.algorithm)
+    options = algorithm.options(config)
+    mesh = sharding.make_mesh(config.mesh, devices=target.devices)
+    tokenizer = types.SimpleNamespace(pad_id=config.data.pad_id or 0)
+    inputs = RunInputs(tokenizer=tokenizer, chat_format=None, train_data=None)
+    trainer = algorithm.make_trainer(config, options, mesh, total_steps, inputs=inputs, resuming=True)
+    batch = worst_case_batch(config, config.data.global_batch_size)
+    abstract_batch = {
+        key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding.batch_sharding(mesh))
+        for key, value in batch.items()
+    }
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    lowered = trainer.lower_train_step(trainer.abstract_state(), abstract_batch, rng)
+    return report_of("train_step", lowered.compile())
+
+
+def describe(report: ProgramReport, target: Target) -> dict[str, Any]:
+    return report.as_dict(target.chip)
