@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -63,14 +64,48 @@ def test_a_tpu_topology_compiles_on_this_cpu(name, chips_count, hosts):
 def _tiny(algorithm: str):
     from easyppo.cli.train import config_from_argv
 
-    preset = {"sft": "sft:demo", "rm": "rm:demo"}[algorithm]
-    return config_from_argv(["easyppo train", f"--config={preset}", "--config.data.global_batch_size=8"])
+    name, _, reference = algorithm.partition("/")
+    extra = [f"--config.dpo.reference={reference}"] if reference else []
+    argv = [
+        "easyppo train",
+        f"--config={name}:demo",
+        "--config.data.global_batch_size=8",
+        "--config.model.init_from=",
+        *extra,
+    ]
+    return config_from_argv(argv)
 
 
-@pytest.mark.parametrize("algorithm", ["sft", "rm"])
+@pytest.mark.parametrize("algorithm", ["sft", "rm", "dpo/on_the_fly", "dpo/precomputed"])
 def test_a_gradient_train_step_is_planned_without_weights_or_data(algorithm):
     from easyppo.plan import programs
 
     target = topology.resolve_target("local")
     result = programs.gradient_train_step(_tiny(algorithm), target)
     assert result.flops > 0 and result.argument_bytes > 0 and result.peak_bytes >= result.argument_bytes
+
+
+def test_the_plan_command_prints_a_table_and_writes_json(tmp_path, capsys):
+    from easyppo.cli import main as cli_main
+
+    out = tmp_path / "plan.json"
+    argv = [
+        "plan",
+        "--config=sft:demo",
+        "--config.model.init_from=",
+        "--config.data.global_batch_size=8",
+        f"--json={out}",
+    ]
+    assert cli_main.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "train_step" in printed and "peak GiB" in printed
+    (row,) = json.loads(out.read_text())["programs"]
+    assert row["name"] == "train_step" and row["peak_bytes"] > 0
+
+
+def test_an_algorithm_not_yet_planned_is_one_line(capsys):
+    from easyppo.cli import main as cli_main
+
+    assert cli_main.main(["plan", "--config=ppo:demo"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "planning ppo is not built yet" in err[0], err

@@ -80,6 +80,9 @@ class RunInputs:
     chat_format: Any
     train_data: Any
     eval_data: Any = None
+    # Planning (easyppo.plan): there is no data and no weights; frozen inputs a trainer would read or
+    # precompute (a DPO reference) are ShapeDtypeStructs with their shardings instead.
+    abstract: bool = False
 
 
 class TrainerFactory(Protocol):

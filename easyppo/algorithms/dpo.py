@@ -166,9 +166,17 @@ def make_trainer(
     reference_model = None
     if options.uses_reference and options.reference == "on_the_fly":
         model_config, module, params = load_model(
-            reference_model_config(config, options), "causal_lm", mesh=mesh, rng=jax.random.key(config.seed)
+            reference_model_config(config, options),
+            "causal_lm",
+            mesh=mesh,
+            rng=jax.random.key(config.seed),
+            abstract=inputs.abstract,
         )
         frozen, reference_model = {"reference_params": params}, (module, model_config)
+    elif options.uses_reference and inputs.abstract:  # planning: the table's shape, one row per batch row
+        replicated = NamedSharding(mesh, P())
+        table = jax.ShapeDtypeStruct((config.data.global_batch_size, 2), np.float32, sharding=replicated)
+        frozen = {"reference_logps": table}
     elif options.uses_reference:
         splits = {"train": inputs.train_data}
         if inputs.eval_data is not None:

@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     ),
     "convert": ("easyppo.cli.convert", "convert between Hugging Face and easyppo checkpoints; verify"),
     "plot": ("easyppo.cli.plot", "draw a run's training curves as PNG files"),
+    "plan": ("easyppo.cli.plan", "compile a run for a target (a TPU topology) and report memory and time"),
 }
 
 

@@ -57,7 +57,7 @@ def gradient_train_step(config: ml_collections.ConfigDict, target: Target, total
     options = algorithm.options(config)
     mesh = sharding.make_mesh(config.mesh, devices=target.devices)
     tokenizer = types.SimpleNamespace(pad_id=config.data.pad_id or 0)
-    inputs = RunInputs(tokenizer=tokenizer, chat_format=None, train_data=None)
+    inputs = RunInputs(tokenizer=tokenizer, chat_format=None, train_data=None, abstract=True)
     trainer = algorithm.make_trainer(config, options, mesh, total_steps, inputs=inputs, resuming=True)
     batch = worst_case_batch(config, config.data.global_batch_size)
     abstract_batch = {
