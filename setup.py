@@ -49,7 +49,8 @@ setup(
         ],
         "plot": ["matplotlib>=3.8"],  # easyppo plot, and the demo's pictures
         "math": ["math-verify==0.9.0"],  # the 'math_verify' reward (mathematical equivalence)
-        "gcs": ["gcsfs>=2024.6"],  # gs:// paths for data, tokenizers, checkpoints, logs and exports
+        "gcs": ["gcsfs>=2024.6"],
+        "plan": ["jax[tpu]>=0.10,<0.13"],  # easyppo plan --topology=v5p:...: libtpu matching jax  # gs:// paths for data, tokenizers, checkpoints, logs and exports
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
         "verify": ["torch>=2.4", "transformers>=5,<6"],  # easyppo convert verify / --verify
         "tfds": ["tensorflow-datasets>=4.9"],
