@@ -106,6 +106,19 @@ def test_the_plan_command_prints_a_table_and_writes_json(tmp_path, capsys):
 def test_an_algorithm_not_yet_planned_is_one_line(capsys):
     from easyppo.cli import main as cli_main
 
-    assert cli_main.main(["plan", "--config=ppo:demo"]) == 2
+    assert cli_main.main(["plan", "--config=online_dpo:demo"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "planning ppo is not built yet" in err[0], err
+    assert len(err) == 1 and "planning online_dpo is not built yet" in err[0], err
+
+
+@pytest.mark.parametrize("preset", ["ppo:demo", "grpo:demo"])
+def test_an_rl_iteration_is_planned_program_by_program(preset):
+    from easyppo.cli.train import config_from_argv
+    from easyppo.plan import programs
+
+    argv = ["easyppo plan", f"--config={preset}", "--config.model.init_from=", "--config.data.global_batch_size=8"]
+    if preset.startswith("ppo"):
+        argv += ["--config.ppo.reward_model.init_from=", "--config.ppo.reward_model.preset=tiny"]
+    reports = programs.rl_iteration(config_from_argv(argv), topology.resolve_target("local"))
+    assert [r.name for r in reports] == ["rollout", "judge", "assemble", "update"]
+    assert all(r.flops > 0 and r.peak_bytes > 0 for r in reports)

@@ -24,10 +24,11 @@ USAGE = """usage: easyppo plan --config=ALGORITHM:PRESET [--topology=local|GEN:S
 
 Compiles the run's programs for the target (default: this machine's devices) without reading weights
 or data, and prints per program the per-device memory against the chip's HBM, FLOPs and a roofline
-time. Supported so far: sft, rm, dpo.
+time. Supported so far: sft, rm, dpo, ppo, grpo.
 """
 
 GRADIENT_ALGORITHMS = ("sft", "rm", "dpo")
+RL_ALGORITHMS = ("ppo", "grpo")
 
 
 def _pop(argv: list[str], flag: str, default: str) -> str:
@@ -62,13 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(verbose)
     with errors.reporting(verbose) as outcome:
         config = config_from_argv(["easyppo plan", *argv])
-        if config.algorithm not in GRADIENT_ALGORITHMS:
+        if config.algorithm not in GRADIENT_ALGORITHMS + RL_ALGORITHMS:
+            supported = ", ".join(GRADIENT_ALGORITHMS + RL_ALGORITHMS)
             raise run_config.ConfigError(
-                "algorithm", f"planning {config.algorithm} is not built yet (so far: {', '.join(GRADIENT_ALGORITHMS)})"
+                "algorithm", f"planning {config.algorithm} is not built yet (so far: {supported})"
             )
         target = topology.resolve_target(target_name)
         run_config.validate(config, num_devices=len(target.devices), process_count=target.num_hosts)
-        rows = [programs.describe(programs.gradient_train_step(config, target), target)]
+        if config.algorithm in RL_ALGORITHMS:
+            reports = programs.rl_iteration(config, target)
+        else:
+            reports = [programs.gradient_train_step(config, target)]
+        rows = [programs.describe(report, target) for report in reports]
         print(table(rows, target))
         if json_path:
             with open(json_path, "w", encoding="utf-8") as f:

@@ -41,7 +41,7 @@ def worst_case_batch(config: ml_collections.ConfigDict, rows: int) -> dict[str, 
             "margin": [0.0] * rows,
         }
     else:
-        raise NotImplementedError(f"planning {settings.kind!r} data (the RL programs) is not built yet")
+        columns = {"prompt_ids": [[5] * settings.max_prompt_len] * rows, "answer": ["0"] * rows}
     batcher = ExampleBatcher(
         datasets.Dataset.from_dict(columns),
         settings,
@@ -51,8 +51,8 @@ def worst_case_batch(config: ml_collections.ConfigDict, rows: int) -> dict[str, 
     return batcher(np.arange(rows), np.ones(rows, np.int32))
 
 
-def gradient_train_step(config: ml_collections.ConfigDict, target: Target, total_steps: int = 1) -> ProgramReport:
-    """Compiles a gradient algorithm's train step for ``target`` and reports it (module doc)."""
+def _abstract_trainer(config: ml_collections.ConfigDict, target: Target, total_steps: int):
+    """(trainer, mesh, abstract worst-case batch) of ``config`` on ``target``, reading nothing."""
     algorithm = get_algorithm(config.algorithm)
     options = algorithm.options(config)
     mesh = sharding.make_mesh(config.mesh, devices=target.devices)
@@ -64,6 +64,12 @@ def gradient_train_step(config: ml_collections.ConfigDict, target: Target, total
         key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding.batch_sharding(mesh))
         for key, value in batch.items()
     }
+    return trainer, mesh, abstract_batch
+
+
+def gradient_train_step(config: ml_collections.ConfigDict, target: Target, total_steps: int = 1) -> ProgramReport:
+    """Compiles a gradient algorithm's train step for ``target`` and reports it (module doc)."""
+    trainer, _, abstract_batch = _abstract_trainer(config, target, total_steps)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     lowered = trainer.lower_train_step(trainer.abstract_state(), abstract_batch, rng)
     return report_of("train_step", lowered.compile())
@@ -71,3 +77,46 @@ def gradient_train_step(config: ml_collections.ConfigDict, target: Target, total
 
 def describe(report: ProgramReport, target: Target) -> dict[str, Any]:
     return report.as_dict(target.chip)
+
+
+def _outputs(compiled: Any) -> Any:
+    """A compiled program's outputs as ShapeDtypeStructs with the shardings XLA chose: the next
+    program's abstract inputs."""
+    shapes = compiled.out_info
+    return jax.tree.map(
+        lambda info, placed: jax.ShapeDtypeStruct(info.shape, info.dtype, sharding=placed),
+        shapes,
+        compiled.output_shardings,
+    )
+
+
+def rl_iteration(config: ml_collections.ConfigDict, target: Target, total_steps: int = 1) -> list[ProgramReport]:
+    """Compiles one RL iteration's programs in order (rollout, judge, assemble, update), each on the
+    abstract outputs of the one before, and reports them."""
+    trainer, mesh, batch = _abstract_trainer(config, target, total_steps)
+    options = trainer.options
+    state = trainer.abstract_state()
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    reports = []
+    with jax.set_mesh(mesh):
+        compiled = trainer.rollout.lower(
+            state.params, batch, rng, sampling=trainer.sampling, samples_per_prompt=options.samples_per_prompt
+        ).compile()
+        reports.append(report_of("rollout", compiled))
+        sampled = _outputs(compiled)
+        compiled = trainer.judge.lower(
+            state.params, state.value_params, trainer.frozen, sampled, recompute_policy=True
+        ).compile()
+        reports.append(report_of("judge", compiled))
+        judged = _outputs(compiled)
+        rows = sampled.row_mask.shape[0]
+        rewards = jax.ShapeDtypeStruct((rows,), np.float32, sharding=sharding.batch_sharding(mesh))
+        kl_coef = jax.ShapeDtypeStruct((), np.float32, sharding=replicated)
+        compiled = trainer.assemble.lower(judged, sampled, rewards, kl_coef).compile()
+        reports.append(report_of("assemble", compiled))
+        scored = _outputs(compiled)
+        kl = jax.ShapeDtypeStruct((), np.float32, sharding=replicated)
+        compiled = trainer.update.lower(state, scored.experience, kl, rng, train_policy=True).compile()
+        reports.append(report_of("update", compiled))
+    return reports

@@ -117,20 +117,30 @@ class LoadedModels(NamedTuple):
 
 
 def load_models(
-    config: ml_collections.ConfigDict, options, mesh: jax.sharding.Mesh, *, resuming: bool, name: str
+    config: ml_collections.ConfigDict,
+    options,
+    mesh: jax.sharding.Mesh,
+    *,
+    resuming: bool,
+    name: str,
+    abstract: bool = False,
 ) -> LoadedModels:
     """The models the options call for, and no others (module doc).
 
     ``resuming``: the policy and critic weights will come from the checkpoint, so only their shapes
-    are built; the frozen reference and reward model are always read.
+    are built; the frozen reference and reward model are always read, except with ``abstract``
+    (planning), where no model reads any weights.
     """
+    resuming = resuming or abstract
     section = config[name]
     rng = jax.random.key(config.seed)
     policy_config, _, params = loading.load_model(config.model, "causal_lm", mesh=mesh, rng=rng, abstract=resuming)
     frozen, described = {"reference": None, "reward": None}, []
     if options.uses_reference:
         reference_cfg = loading.frozen_config(config.model, options.reference_init_from)
-        _, _, frozen["reference"] = loading.load_model(reference_cfg, "causal_lm", mesh=mesh, rng=rng)
+        _, _, frozen["reference"] = loading.load_model(
+            reference_cfg, "causal_lm", mesh=mesh, rng=rng, abstract=abstract
+        )
         described.append(f"reference {reference_cfg.init_from or 'the policy random init'}")
     # The reward model and (by default) PPO's critic start from the same weights: the value head
     # begins as the reward head, Tulu 2.5's and InstructGPT's choice.
@@ -138,7 +148,7 @@ def load_models(
     reward_config = value_config = value = None
     if options.uses_reward_model:
         reward_config, _, frozen["reward"] = loading.load_model(
-            loading.frozen_config(section.reward_model), "reward", mesh=mesh, rng=reward_rng
+            loading.frozen_config(section.reward_model), "reward", mesh=mesh, rng=reward_rng, abstract=abstract
         )
         described.append(f"reward model {section.reward_model.init_from or 'random ' + section.reward_model.preset}")
     if options.uses_critic:
@@ -159,6 +169,8 @@ def load_models(
 
 def run_sampling(options, inputs: RunInputs) -> generation.SamplingConfig:
     """The options' sampler, stopping also at the chat format's end-of-turn ids, padding with the run's pad id."""
+    if inputs.chat_format is None:  # planning: stop ids change no shape
+        return dataclasses.replace(options.sampling, pad_token_id=inputs.tokenizer.pad_id)
     return dataclasses.replace(
         options.sampling,
         stop_token_ids=tuple(
@@ -188,7 +200,7 @@ def make_trainer(
     section = config[name]
     sources = reward_sources(options, name)
     check_answers(sources, inputs, name)
-    loaded = load_models(config, options, mesh, resuming=resuming, name=name)
+    loaded = load_models(config, options, mesh, resuming=resuming, name=name, abstract=inputs.abstract)
     updates = options.updates_per_step
     policy_updates = max(total_steps - options.value_warmup_steps, 1) * updates
     value_updates = total_steps * updates
