@@ -122,3 +122,30 @@ def test_an_rl_iteration_is_planned_program_by_program(preset):
     reports = programs.rl_iteration(config_from_argv(argv), topology.resolve_target("local"))
     assert [r.name for r in reports] == ["rollout", "judge", "assemble", "update"]
     assert all(r.flops > 0 and r.peak_bytes > 0 for r in reports)
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo/on_the_fly"])
+def test_the_plan_compiles_the_same_program_the_run_compiles(algorithm):
+    """The abstract state and worst-case batch give the memory plan of the real step, byte for byte."""
+    from easyppo.core import sharding
+    from easyppo.plan import programs
+    from easyppo.run.loop import trainer_for
+
+    config = _tiny(algorithm)
+    target = topology.resolve_target("local")
+    planned = programs.gradient_train_step(config, target)
+
+    mesh = sharding.make_mesh(config.mesh, devices=target.devices)
+    trainer = trainer_for(config, mesh, total_steps=1)
+    batch = jax.device_put(
+        programs.worst_case_batch(config, config.data.global_batch_size), sharding.batch_sharding(mesh)
+    )
+    compiled = trainer.lower_train_step(trainer.init_state(), batch, jax.random.key(0)).compile()
+    real = report.report_of("train_step", compiled)
+    assert (planned.argument_bytes, planned.output_bytes, planned.temp_bytes, planned.alias_bytes) == (
+        real.argument_bytes,
+        real.output_bytes,
+        real.temp_bytes,
+        real.alias_bytes,
+    )
+    assert planned.flops == real.flops
