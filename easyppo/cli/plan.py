@@ -50,6 +50,10 @@ def table(rows: list[dict], target: topology.Target) -> str:
             f"{row['name']:<12} {row['argument_bytes'] / gib:9.2f} {row['temp_bytes'] / gib:9.2f} "
             f"{row['peak_bytes'] / gib:9.2f} {hbm} {fits} {row['flops'] / 1e12:8.2f} {time_ms}"
         )
+    lines.append(
+        "note: XLA's cost analysis counts a loop body once, so FLOPs and time of scanned layers "
+        "(model.scan_layers) and of the sampler's decode loop are undercounted; memory is exact"
+    )
     return "\n".join(lines)
 
 
