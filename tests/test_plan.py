@@ -103,12 +103,21 @@ def test_the_plan_command_prints_a_table_and_writes_json(tmp_path, capsys):
     assert row["name"] == "train_step" and row["peak_bytes"] > 0
 
 
-def test_an_algorithm_not_yet_planned_is_one_line(capsys):
-    from easyppo.cli import main as cli_main
+def test_an_online_dpo_iteration_is_planned_program_by_program():
+    from easyppo.cli.train import config_from_argv
+    from easyppo.plan import programs
 
-    assert cli_main.main(["plan", "--config=online_dpo:demo"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "planning online_dpo is not built yet" in err[0], err
+    argv = [
+        "easyppo plan",
+        "--config=online_dpo:demo",
+        "--config.model.init_from=",
+        "--config.online_dpo.reward_model.init_from=",
+        "--config.online_dpo.reward_model.preset=tiny",
+        "--config.data.global_batch_size=8",
+    ]
+    reports = programs.online_dpo_iteration(config_from_argv(argv), topology.resolve_target("local"))
+    assert [r.name for r in reports] == ["rollout", "reward_model", "pairs", "update"]
+    assert all(r.peak_bytes > 0 for r in reports)
 
 
 @pytest.mark.parametrize("preset", ["ppo:demo", "grpo:demo"])

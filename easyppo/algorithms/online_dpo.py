@@ -342,7 +342,7 @@ def make_trainer(
 ) -> OnlineDPOTrainer:
     sources = setup.reward_sources(options, "online_dpo")
     setup.check_answers(sources, inputs, "online_dpo")
-    loaded = setup.load_models(config, options, mesh, resuming=resuming, name="online_dpo")
+    loaded = setup.load_models(config, options, mesh, resuming=resuming, name="online_dpo", abstract=inputs.abstract)
     sampling = setup.run_sampling(options, inputs)
     return OnlineDPOTrainer(
         options=options,

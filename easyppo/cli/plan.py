@@ -24,11 +24,11 @@ USAGE = """usage: easyppo plan --config=ALGORITHM:PRESET [--topology=local|GEN:S
 
 Compiles the run's programs for the target (default: this machine's devices) without reading weights
 or data, and prints per program the per-device memory against the chip's HBM, FLOPs and a roofline
-time. Supported so far: sft, rm, dpo, ppo, grpo.
+time. Supported: sft, rm, dpo, ppo, grpo, online_dpo.
 """
 
 GRADIENT_ALGORITHMS = ("sft", "rm", "dpo")
-RL_ALGORITHMS = ("ppo", "grpo")
+RL_ALGORITHMS = ("ppo", "grpo", "online_dpo")
 
 
 def _pop(argv: list[str], flag: str, default: str) -> str:
@@ -74,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         target = topology.resolve_target(target_name)
         run_config.validate(config, num_devices=len(target.devices), process_count=target.num_hosts)
-        if config.algorithm in RL_ALGORITHMS:
+        if config.algorithm == "online_dpo":
+            reports = programs.online_dpo_iteration(config, target)
+        elif config.algorithm in RL_ALGORITHMS:
             reports = programs.rl_iteration(config, target)
         else:
             reports = [programs.gradient_train_step(config, target)]

@@ -120,3 +120,34 @@ def rl_iteration(config: ml_collections.ConfigDict, target: Target, total_steps:
         compiled = trainer.update.lower(state, scored.experience, kl, rng, train_policy=True).compile()
         reports.append(report_of("update", compiled))
     return reports
+
+
+def online_dpo_iteration(
+    config: ml_collections.ConfigDict, target: Target, total_steps: int = 1
+) -> list[ProgramReport]:
+    """Compiles one online-DPO iteration's programs (rollout, the reward model's scores when it has
+    one, the pairs with their reference log-probs, the update) and reports them."""
+    trainer, mesh, batch = _abstract_trainer(config, target, total_steps)
+    state = trainer.abstract_state()
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    group = trainer.options.samples_per_prompt
+    rows_sharding = sharding.batch_sharding(mesh)
+    reports = []
+    with jax.set_mesh(mesh):
+        compiled = trainer.rollout.lower(
+            state.params, batch, rng, sampling=trainer.sampling, samples_per_prompt=group
+        ).compile()
+        reports.append(report_of("rollout", compiled))
+        sampled = _outputs(compiled)
+        if trainer.frozen.get("reward") is not None:
+            compiled = trainer._reward_model_scores.lower(trainer.frozen["reward"], sampled).compile()
+            reports.append(report_of("reward_model", compiled))
+        prompts = sampled.row_mask.shape[0] // group
+        index = jax.ShapeDtypeStruct((prompts,), np.int32, sharding=rows_sharding)
+        mask = jax.ShapeDtypeStruct((prompts,), np.float32, sharding=rows_sharding)
+        compiled = trainer._pairs.lower(trainer.frozen, sampled, index, index, mask).compile()
+        reports.append(report_of("pairs", compiled))
+        pairs = _outputs(compiled)
+        compiled = trainer.update.lower(state, pairs, rng).compile()
+        reports.append(report_of("update", compiled))
+    return reports
