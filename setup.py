@@ -46,11 +46,12 @@ setup(
             "matplotlib>=3.8",
             "gcsfs>=2024.6",
             "gcp-storage-emulator==2026.7.19",  # a local GCS server: gs:// paths tested end to end
+            "jax[tpu]>=0.10,<0.13",  # libtpu: the planner's tests compile for real TPU topologies
         ],
         "plot": ["matplotlib>=3.8"],  # easyppo plot, and the demo's pictures
         "math": ["math-verify==0.9.0"],  # the 'math_verify' reward (mathematical equivalence)
-        "gcs": ["gcsfs>=2024.6"],
-        "plan": ["jax[tpu]>=0.10,<0.13"],  # easyppo plan --topology=v5p:...: libtpu matching jax  # gs:// paths for data, tokenizers, checkpoints, logs and exports
+        "gcs": ["gcsfs>=2024.6"],  # gs:// paths for data, tokenizers, checkpoints, logs and exports
+        "plan": ["jax[tpu]>=0.10,<0.13"],  # easyppo plan --topology=v5p:...: libtpu matching jax
         "hf": ["transformers>=5,<6", "tokenizers>=0.20"],
         "verify": ["torch>=2.4", "transformers>=5,<6"],  # easyppo convert verify / --verify
         "tfds": ["tensorflow-datasets>=4.9"],

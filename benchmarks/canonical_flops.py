@@ -1,7 +1,7 @@
 """Model FLOPs of the canonical workloads (benchmarks/canonical.py), for MFU against the matmul peak.
 
-The same conventions as ``common.llama_train_step_flops``: 2 FLOPs per weight per token forward, 6
-forward + backward, attention over the full square of each sequence (forward 4 rows L H hd T^2).
+The formulas of ``easyppo.plan.flops``, which the planner counts with too: 2 FLOPs per weight per
+token forward, 6 forward + backward, attention over the full square of each sequence (forward 4 rows L H hd T^2).
 The LM head counts only at the positions whose log-probs are used (the responses): that is the
 useful work, whatever an implementation projects. Counted is the work each variant runs: the PPO
 scoring pass of the policy only when it is run (``old_logprobs="recompute"``), the DPO reference
@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import common
 from easyppo.models import llama
-
-
-def _attention(config: llama.LlamaConfig, rows: int, query_len: int, key_len: int) -> float:
-    """Forward FLOPs of attention scores and weighted values: 4 rows L H hd q k."""
-    return 4.0 * rows * config.num_hidden_layers * config.num_attention_heads * config.head_dim * query_len * key_len
+from easyppo.plan import flops as model_flops
 
 
 def _pass(config: llama.LlamaConfig, *, rows: int, seq_len: int, head_positions: int, head: str, train: bool) -> float:
     """A forward (or, ``train``, forward + backward) pass: trunk over every token, head where used."""
-    factor = 6.0 if train else 2.0
-    weights = common.matmul_params(config, head)
-    trunk = factor * rows * seq_len * weights["blocks"]
-    head_flops = factor * rows * head_positions * weights["head"]
-    return trunk + head_flops + (3.0 if train else 1.0) * _attention(config, rows, seq_len, seq_len)
+    count = model_flops.forward_backward if train else model_flops.forward
+    return count(config, rows=rows, seq_len=seq_len, head_positions=head_positions, head=head)
 
 
 def dpo_step(config: llama.LlamaConfig, args: argparse.Namespace) -> float:
@@ -48,11 +40,7 @@ def ppo_iteration(config: llama.LlamaConfig, args: argparse.Namespace) -> dict[s
     """FLOPs of generation, scoring and the update of one PPO iteration (and their total)."""
     n, prompt, new = args.num_prompts, args.prompt_len, args.response_len
     seq_len = prompt + new
-    blocks = common.matmul_params(config, "lm")["blocks"]
-    lm_head = common.matmul_params(config, "lm")["head"]
-    # Prefill over the prompt, then one token at a time, each attending to its context.
-    generation = 2.0 * n * seq_len * blocks + 2.0 * n * new * lm_head + _attention(config, n, prompt, prompt)
-    generation += sum(_attention(config, n, 1, prompt + i + 1) for i in range(new))
+    generation = model_flops.generation(config, rows=n, prompt_len=prompt, new_tokens=new)
     policy_forward = _pass(config, rows=n, seq_len=seq_len, head_positions=new, head="lm", train=False)
     scalar_forward = _pass(config, rows=n, seq_len=seq_len, head_positions=seq_len, head="score", train=False)
     scoring = policy_forward + 2 * scalar_forward  # the reference, then the critic and the reward model

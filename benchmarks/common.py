@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from easyppo.models import llama
+from easyppo.plan.flops import matmul_params
 
 T = TypeVar("T")
 
@@ -229,16 +230,6 @@ class StepFlops:
 
     def as_dict(self) -> dict[str, float]:
         return {"blocks": self.blocks, "head": self.head, "attention": self.attention, "total": self.total}
-
-
-def matmul_params(config: llama.LlamaConfig, head: Head) -> dict[str, int]:
-    """Weights that multiply every token: ``{"blocks": ..., "head": ...}`` (no embedding table, norms)."""
-    if head not in ("lm", "score"):
-        raise ValueError(f"matmul_params: head={head!r} must be 'lm' or 'score'")
-    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
-    attention = d * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    blocks = config.num_hidden_layers * (attention + 3 * d * f)
-    return {"blocks": blocks, "head": d * config.vocab_size if head == "lm" else d}
 
 
 def llama_train_step_flops(config: llama.LlamaConfig, *, rows: int, seq_len: int, head: Head) -> StepFlops:

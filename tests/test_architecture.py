@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rewards", ("easyppo.rewards",)),
     ("algorithms", ("easyppo.algorithms",)),
     ("run", ("easyppo.run",)),
+    ("plan", ("easyppo.plan",)),
     ("configs", ("easyppo.configs",)),
     ("cli", ("easyppo.cli", "easyppo.train", "easyppo.__main__", "easyppo")),
 )

@@ -137,6 +137,11 @@ def reference_model_config(config: ml_collections.ConfigDict, options: DPOOption
     return loading.frozen_config(config.model, options.reference_init_from)
 
 
+def reference_batch_size(config: ml_collections.ConfigDict, options: DPOOptions) -> int:
+    """Rows per batch of the precomputed reference pass (it has no gradients, so it may take more than training)."""
+    return options.reference_batch_size or config.eval.batch_size or config.data.global_batch_size
+
+
 def reference_tables(
     config: ml_collections.ConfigDict, options: DPOOptions, mesh: jax.sharding.Mesh, splits: dict
 ) -> dict[str, np.ndarray]:
@@ -146,7 +151,7 @@ def reference_tables(
         mesh,
         splits,
         cache_dir=options.reference_cache_dir or os.path.join(config.data.cache_dir, "reference_logprobs"),
-        batch_size=options.reference_batch_size or config.eval.batch_size or config.data.global_batch_size,
+        batch_size=reference_batch_size(config, options),
         chunk_size=options.logprob_chunk_size,
         seed=config.seed,
     )

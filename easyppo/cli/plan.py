@@ -1,34 +1,49 @@
-"""``easyppo plan``: compile a run's programs for a target and report memory, FLOPs and roofline time.
+"""``easyppo plan``: compile a run's programs for a target and report memory, work and predicted time.
 
-    easyppo plan --config=sft:tulu2_7b --topology=v5p:4x4x4 --config.model.init_from= \\
-        --config.model.preset=llama2_7b
+    easyppo plan --config=ppo:tulu25_13b_uf_mean --topology=v5p:4x4x8
     easyppo plan --config=dpo:demo                      # this machine's own devices
 
-No weights and no data are read: the model's architecture comes from ``model.init_from``'s
-``config.json`` or, with ``init_from`` empty, from ``model.preset``. TPU topologies need libtpu
-(the ``plan`` extra).
+No weights and no data are read: each model's architecture comes from its checkpoint's
+``config.json`` alone (for a hub name, fetched alone, or known offline for the presets' checkpoints;
+``easyppo.plan.architectures``). TPU topologies need libtpu (the ``plan`` extra).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 
+import jax
+
 from easyppo.cli import errors, logs
 from easyppo.cli.train import config_from_argv
-from easyppo.plan import programs, topology
-from easyppo.run import config as run_config
+from easyppo.plan import chips, planner, topology
+from easyppo.plan.report import RunPlan
 
-USAGE = """usage: easyppo plan --config=ALGORITHM:PRESET [--topology=local|GEN:SHAPE] [--json=FILE] [--config.KEY=VALUE ...]
+USAGE = f"""usage: easyppo plan --config=ALGORITHM:PRESET [--topology=local|GEN:SHAPE] [--hbm_gib=N]
+                    [--no_suggest] [--json=FILE] [--config.KEY=VALUE ...]
 
-Compiles the run's programs for the target (default: this machine's devices) without reading weights
-or data, and prints per program the per-device memory against the chip's HBM, FLOPs and a roofline
-time. Supported: sft, rm, dpo, ppo, grpo, online_dpo.
+Compiles every program of one iteration for the target (default: this machine's devices) without
+reading weights or data, and prints per program the per-device memory against the chip's HBM and
+the roofline time from its model FLOPs and streamed bytes; per run, the iteration time, tokens/s
+and whether it fits. When it does not fit, it tries a few changes (gradient accumulation, remat,
+tensor parallelism, update minibatches) and prints the cheapest that fits.
+
+  --topology   local, or a TPU slice such as v5p:4x4x8, v4:4x4x4, v5e:8x8, v6e:8x16 ({topology.INSTALL_HINT})
+  --hbm_gib    plan against this much memory per device instead of the chip's
+  --no_suggest do not try variants when the run does not fit
+  --json       also write the plan (and any suggestion) as JSON to FILE
+Supported algorithms: {", ".join(planner.SUPPORTED)}.
 """
 
-GRADIENT_ALGORITHMS = ("sft", "rm", "dpo")
-RL_ALGORITHMS = ("ppo", "grpo", "online_dpo")
+GIB = 1 << 30
+LIBTPU_HOST_ENV = {
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+}
 
 
 def _pop(argv: list[str], flag: str, default: str) -> str:
@@ -37,22 +52,48 @@ def _pop(argv: list[str], flag: str, default: str) -> str:
     return values[-1] if values else default
 
 
-def table(rows: list[dict], target: topology.Target) -> str:
-    gib = 1 << 30
-    lines = [f"target {target.name}: {len(target.devices)} devices on {target.num_hosts} host(s)"]
-    header = f"{'program':<12} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} {'HBM GiB':>8} {'fits':>5} {'TFLOP':>8} {'time ms':>8}"
-    lines.append(header)
-    for row in rows:
-        hbm = f"{row['hbm_bytes'] / gib:8.1f}" if "hbm_bytes" in row else f"{'-':>8}"
-        fits = f"{'yes' if row['fits'] else 'NO':>5}" if "fits" in row else f"{'-':>5}"
-        time_ms = f"{row['roofline_s'] * 1e3:8.1f}" if "roofline_s" in row else f"{'-':>8}"
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def table(plan: RunPlan) -> str:
+    """The plan as a table: a row per program, then the run's totals."""
+    chip = plan.chip
+    lines = [
+        f"target {plan.target}: {plan.num_devices} devices on {plan.num_hosts} host(s)"
+        + (f", {chip.name} with {chip.hbm_bytes / GIB:.2f} GiB each" if chip else ""),
+        "settings: " + ", ".join(f"{key} {value}" for key, value in plan.settings.items()),
+        f"{'program':<15} {'args GiB':>9} {'out GiB':>8} {'temp GiB':>9} {'donated':>8} {'peak GiB':>9} "
+        f"{'margin GiB':>10} {'TFLOP':>10} {'GB/dev':>8} {'time':>10}",
+    ]
+    for program in plan.programs:
+        row = program.as_dict(chip, plan.num_devices)
+        margin = f"{row['margin_bytes'] / GIB:10.2f}" if "margin_bytes" in row else f"{'-':>10}"
+        name = program.name + ("" if program.per_iteration else "*")
         lines.append(
-            f"{row['name']:<12} {row['argument_bytes'] / gib:9.2f} {row['temp_bytes'] / gib:9.2f} "
-            f"{row['peak_bytes'] / gib:9.2f} {hbm} {fits} {row['flops'] / 1e12:8.2f} {time_ms}"
+            f"{name:<15} {program.argument_bytes / GIB:9.2f} {program.output_bytes / GIB:8.2f} "
+            f"{program.temp_bytes / GIB:9.2f} {program.alias_bytes / GIB:8.2f} {program.peak_bytes / GIB:9.2f} {margin} "
+            f"{program.work.flops / 1e12:10.2f} {program.work.bytes_per_device / 1e9:8.2f} "
+            f"{_seconds(row.get('roofline_s')):>10}"
         )
+    for program in plan.programs:
+        if program.error:
+            lines.append(f"  {program.name}: {program.error}")
+    fits = {None: "unknown (no chip: pass --topology or --hbm_gib)", True: "yes", False: "NO"}[plan.fits]
+    tokens_per_s = f"{plan.tokens_per_second:,.0f}" if plan.tokens_per_second else "-"
+    lines += [
+        f"fits: {fits}; peak {plan.peak_bytes / GIB:.2f} GiB per device",
+        f"iteration: {_seconds(plan.iteration_seconds)} (roofline), {plan.tokens_per_iteration:,} tokens, "
+        f"{tokens_per_s} tokens/s",
+    ]
+    if any(not program.per_iteration for program in plan.programs):
+        lines.append("* runs once per pass over the data, before training: not in the iteration time")
     lines.append(
-        "note: XLA's cost analysis counts a loop body once, so FLOPs and time of scanned layers "
-        "(model.scan_layers) and of the sampler's decode loop are undercounted; memory is exact"
+        "peak = args + out + temp - donated (a donated argument's buffer holds an output); time is a lower "
+        "bound: per program the larger of model FLOPs at the chip's peak and streamed bytes (GB/dev) at its "
+        "bandwidth; collectives and host work are not counted"
     )
     return "\n".join(lines)
 
@@ -64,25 +105,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(USAGE)
         return 0
     target_name, json_path = _pop(argv, "--topology", "local"), _pop(argv, "--json", "")
+    hbm_gib = _pop(argv, "--hbm_gib", "")
+    no_suggest = "--no_suggest" in argv
+    argv = [arg for arg in argv if arg != "--no_suggest"]
     logs.configure(verbose)
+    if target_name != "local" and "JAX_PLATFORMS" not in os.environ:
+        # Compiling for a described topology needs no local accelerator: keep JAX on the CPU, and
+        # tell libtpu about this host instead of letting it query a TPU metadata server that is not
+        # there (slow, and five lines of warnings). The described topology does not depend on these.
+        jax.config.update("jax_platforms", "cpu")
+        for name, value in LIBTPU_HOST_ENV.items():
+            os.environ.setdefault(name, value)
     with errors.reporting(verbose) as outcome:
         config = config_from_argv(["easyppo plan", *argv])
-        if config.algorithm not in GRADIENT_ALGORITHMS + RL_ALGORITHMS:
-            supported = ", ".join(GRADIENT_ALGORITHMS + RL_ALGORITHMS)
-            raise run_config.ConfigError(
-                "algorithm", f"planning {config.algorithm} is not built yet (so far: {supported})"
-            )
         target = topology.resolve_target(target_name)
-        run_config.validate(config, num_devices=len(target.devices), process_count=target.num_hosts)
-        if config.algorithm == "online_dpo":
-            reports = programs.online_dpo_iteration(config, target)
-        elif config.algorithm in RL_ALGORITHMS:
-            reports = programs.rl_iteration(config, target)
-        else:
-            reports = [programs.gradient_train_step(config, target)]
-        rows = [programs.describe(report, target) for report in reports]
-        print(table(rows, target))
+        if hbm_gib:
+            try:
+                budget = int(float(hbm_gib) * GIB)
+            except ValueError:
+                raise errors.UsageError(f"--hbm_gib={hbm_gib!r} is not a number") from None
+            target = topology.with_chip(target, chips.with_memory(target.chip, budget))
+        plan = planner.plan_run(config, target)
+        print(table(plan))
+        result = {"plan": plan.as_dict(), "suggestions": []}
+        if plan.fits is False and not no_suggest:
+            print("\ndoes not fit; trying variants ...", flush=True)
+            suggestions = planner.suggest(config, target)
+            if suggestions:
+                best = suggestions[0]
+                print(f"suggestion: {best.flags}\n{table(best.plan)}")
+            else:
+                print("no variant tried fits: a larger slice (more chips) or a chip with more memory is needed")
+            result["suggestions"] = [{"overrides": s.overrides, "plan": s.plan.as_dict()} for s in suggestions]
         if json_path:
             with open(json_path, "w", encoding="utf-8") as f:
-                json.dump({"target": target.name, "programs": rows}, f, indent=2)
+                json.dump(result, f, indent=2)
     return outcome.status

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -96,10 +97,20 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
     The axes are ``Auto``: ``jax.make_mesh`` would otherwise create ``Explicit`` axes, on which the
     model's ``with_sharding_constraint`` calls fail.
+
+    On a TPU slice the devices form a torus (4x4x4 chips on a v5p-128), and ``jax.make_mesh`` lays
+    each mesh axis over whole physical axes; a size that is no product of them (``tensor=2`` there)
+    has no such layout, and the mesh is laid out with a physical axis split instead (found by
+    ``easyppo plan``: the pod would otherwise fail at start-up).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 # ----------------------------------------------------------------------------------------- rules

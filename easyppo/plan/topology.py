@@ -8,6 +8,7 @@ mesh over them go through the real TPU compiler, SPMD partitioner included.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -32,13 +33,22 @@ def resolve_target(name: str) -> Target:
         devices = tuple(jax.devices())
         return Target(name, devices, jax.process_count(), None)
     chip = chip_named(name)
+    # A compile-only topology opens no TPU, so several planners (or a planner beside a run) may load
+    # libtpu at once; without this libtpu refuses a second process with a lockfile error.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 
-        description = topologies.get_topology_desc(platform="tpu", topology_name=name)
+        megacore = {"chip_config_name": "megacore"} if chip.megacore else {}
+        description = topologies.get_topology_desc(platform="tpu", topology_name=name, **megacore)
     except (ImportError, RuntimeError) as e:
         detail = " ".join(str(e).split())[:200]
         raise RuntimeError(f"--topology={name}: TPU topologies need libtpu: {INSTALL_HINT} ({detail})") from e
     devices = tuple(description.devices)
     hosts = len({device.process_index for device in devices})
     return Target(name, devices, hosts, chip)
+
+
+def with_chip(target: Target, chip: ChipSpec) -> Target:
+    """``target`` planned against ``chip`` (another memory budget, ``chips.with_memory``)."""
+    return dataclasses.replace(target, chip=chip)
