@@ -133,43 +133,44 @@ def _seconds(value: float | None) -> str:
     return f"{value * 1e3:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
+def _chosen(result: dict) -> tuple[dict | None, dict]:
+    """The plan the table shows, and the overrides it adds to the row's: the row's own plan when it
+    fits, else ``easyppo plan``'s suggestion (if it found one)."""
+    plan = result.get("plan")
+    if (plan is None or plan["fits"] is False) and result.get("suggestions"):
+        suggestion = result["suggestions"][0]
+        return suggestion["plan"], suggestion["overrides"]
+    return plan, {}
+
+
 def markdown(results: dict[str, dict], meta: dict) -> str:
-    header = (
-        "| workload | slice | settings | fits | peak GiB per chip (program) | iteration (roofline) | tokens/s |\n"
-        "|---|---|---|---|---|---|---|"
-    )
     lines = [
-        f"Planned {meta['date']} with `benchmarks/pod_plans.py` ("
+        f"Planned {meta['date']} with `python -m benchmarks.pod_plans` ("
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-        + "). Times are roofline lower bounds (module doc of easyppo/plan/report.py).",
+        + "). Chips: v4 and v5p count chips (a v4-64 is `v4:4x4x2`, 32 chips), v3 TensorCores. "
+        "Changes: the row's overrides of the preset, then (+) what `easyppo plan` suggested. Times are "
+        "roofline lower bounds (easyppo/plan/report.py).",
         "",
-        header,
+        "| workload | slice | chips | changes | mesh | fits | peak GiB/chip (program) | iteration | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows():
         result = results.get(row.key)
         if result is None:
             continue
-        topology = row.topology
-        if "error" in result:
-            lines.append(
-                f"| {row.workload} | {topology} | {' '.join(row.flags) or 'preset'} | error | {result['error']} | | |"
-            )
+        plan, added = _chosen(result)
+        flags = [f.removeprefix("--config.") for f in row.flags if not f.startswith("--config.model.init_from")]
+        changes = " ".join(flags + [f"+{k}={v}" for k, v in added.items()]) or "-"
+        if plan is None:
+            lines.append(f"| {row.workload} | {row.topology} | | {changes} | | error | {result.get('error', '')} | | |")
             continue
-        plan, note = result["plan"], ""
-        if plan["fits"] is False and result["suggestions"]:
-            suggestion = result["suggestions"][0]
-            plan = suggestion["plan"]
-            note = " + " + " ".join(f"{k}={v}" for k, v in suggestion["overrides"].items())
         largest = max(plan["programs"], key=lambda p: p["peak_bytes"])
-        settings = ", ".join(f"{k} {v}" for k, v in plan["settings"].items())
         fits = {True: "yes", False: "**no**", None: "-"}[plan["fits"]]
-        flags = " ".join(f.removeprefix("--config.") for f in row.flags)
+        tokens = f"{plan['tokens_per_s']:,.0f}" if plan["tokens_per_s"] else "-"
+        mesh = plan["settings"]["mesh"].replace("data=1 ", "")
         lines.append(
-            f"| {row.workload} | {topology} | {settings}{(' (' + flags + ')') if flags else ''}{note} | {fits} "
-            f"| {_gib(largest['peak_bytes'])} ({largest['name']}) | {_seconds(plan['iteration_s'])} "
-            f"| {plan['tokens_per_s']:,.0f} |"
-            if plan["tokens_per_s"]
-            else f"| {row.workload} | {topology} | {settings} | {fits} | {_gib(largest['peak_bytes'])} | - | - |"
+            f"| {row.workload} | {row.topology} | {plan['devices']} | {changes} | {mesh} | {fits} "
+            f"| {_gib(largest['peak_bytes'])} ({largest['name']}) | {_seconds(plan['iteration_s'])} | {tokens} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -181,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="rows planned at once (each uses about a core)")
     parser.add_argument("--docs", action="store_true", help="also write the table into docs/tpu.md")
     args = parser.parse_args(argv)
-    results = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
-    todo = [
-        row for row in rows() if args.only in f"{row.workload} {row.key}" and (args.force or row.key not in results)
-    ]
+    keys = {row.key for row in rows()}
+    stored = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
+    results = {key: result for key, result in stored.items() if key in keys}  # rows no longer planned go
+    # A workload row on a preset's own slice is that preset's row: planned once.
+    wanted = (row for row in rows() if args.only in f"{row.workload} {row.key}")
+    todo = list({row.key: row for row in wanted if args.force or row.key not in results}.values())
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for row, result in zip(todo, pool.map(plan_row, todo)):
             results[row.key] = result

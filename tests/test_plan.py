@@ -364,8 +364,10 @@ def test_a_run_that_does_not_fit_gets_the_cheapest_variant_that_does():
 
 def test_variants_the_validation_refuses_are_not_compiled(monkeypatch):
     compiled = []
-    real_plan = planner._plan
-    monkeypatch.setattr(planner, "_plan", lambda config, target: compiled.append(config) or real_plan(config, target))
+    real_plan = planner.plan_prepared
+    monkeypatch.setattr(
+        planner, "plan_prepared", lambda config, target: compiled.append(config) or real_plan(config, target)
+    )
     config = _config("sft:demo", "--config.data.global_batch_size=2")  # 2 rows: accumulation 4 cannot split them
     planner.suggest(config, topology.with_chip(_local(), chips.with_memory(None, 1)))
     assert [c.train.grad_accum_steps for c in compiled].count(4) == 0
@@ -422,3 +424,30 @@ def test_an_algorithm_the_planner_does_not_know_is_refused_naming_the_key(tmp_pa
     config.algorithm = "simpo_magic"
     with pytest.raises(Exception, match="algorithm.*simpo_magic"):
         planner.plannable(config, tmp_path)
+
+
+def test_a_batch_that_does_not_divide_over_the_target_gets_a_mesh_that_does(tmp_path, capsys):
+    from easyppo.cli import main as cli_main
+
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--config=sft:demo", "--config.model.init_from=", "--config.data.global_batch_size=12"]
+    assert cli_main.main([*argv, "--hbm_gib=1", f"--json={out}"]) == 0  # 12 rows on 8 devices
+    printed = capsys.readouterr().out
+    assert "does not divide over local" in printed and "suggestion: --config.mesh.data=1" in printed
+    written = json.loads(out.read_text())
+    assert written["plan"] is None and "data.global_batch_size" in written["error"]
+    assert written["suggestions"][0]["plan"]["fits"] is True
+    assert cli_main.main([*argv, "--hbm_gib=1", "--no_suggest"]) == 2  # asked not to search: the error
+    assert "config.data.global_batch_size: 12 is not divisible" in capsys.readouterr().err
+
+
+def test_a_rollout_in_chunks_is_planned_per_chunk_and_its_work_counts_every_chunk():
+    batch = "--config.data.global_batch_size=16"  # 2 chunks of 8 prompts, each spread over the 8 devices
+    whole = {p.name: p for p in planner.plan_run(_config("grpo:demo", batch), _local()).programs}
+    chunked = _config("grpo:demo", batch, "--config.grpo.rollout_batch_size=8")
+    chunked = {p.name: p for p in planner.plan_run(chunked, _local()).programs}
+    for name in ("rollout", "judge"):
+        assert chunked[name].peak_bytes < whole[name].peak_bytes, name  # one chunk's cache and activations
+        assert chunked[name].work.flops == pytest.approx(whole[name].work.flops), name  # the same tokens
+        assert chunked[name].work.bytes_per_device > whole[name].work.bytes_per_device, name  # weights read twice
+    assert chunked["assemble"].argument_bytes == whole["assemble"].argument_bytes  # the whole rollout again

@@ -10,7 +10,9 @@ Compiling the presets themselves for their slices is tests/test_plan.py's TPU se
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import os
 import pathlib
 
 import pytest
@@ -73,3 +75,38 @@ def test_the_committed_plans_cover_every_pod_slice_and_each_fits():
             f"{row.key}: does not fit ({result['plan']['peak_bytes'] / 2**30:.1f} GiB)"
         )
         assert result["plan"]["target"] == row.topology
+
+
+COMPILED_IN_CI = ("dpo:tulu25_13b_uf_mean",)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (pip install 'easyppo[plan]')")
+@pytest.mark.parametrize("preset", sorted(POD_SLICES))
+def test_every_pod_preset_compiles_for_its_slice_at_full_width(preset, tmp_path, monkeypatch):
+    """The TPU compiler partitions every program of the preset on its slice, at the models' full width.
+
+    Two layers stand for all of them (every layer is sharded alike), so this checks what can fail on
+    a pod at start-up: a sharding rule that does not partition, a mesh the slice cannot lay out, a
+    collective the compiler rejects. Memory at full depth is the committed plans' part. The TPU
+    compiler takes half a minute (DPO) to five minutes (PPO's four programs) per preset on 2 cores,
+    so CI compiles one gradient preset, on a slice with tensor parallelism; the rest run with
+    EASYPPO_TEST_POD_PRESETS=all (and, at full depth, in benchmarks/pod_plans.py).
+    """
+    from easyppo.plan import planner, topology
+
+    if preset not in COMPILED_IN_CI and os.environ.get("EASYPPO_TEST_POD_PRESETS") != "all":
+        pytest.skip("compiled by benchmarks/pod_plans.py (minutes each); EASYPPO_TEST_POD_PRESETS=all compiles it here")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    architectures._hub_unreachable.cache_clear()
+    pod = POD_SLICES[preset][-1]
+    planned = architectures.without_weights(
+        config_from_argv(["easyppo plan", f"--config={preset}", *pod.flags()]), tmp_path
+    )
+    architectures._hub_unreachable.cache_clear()
+    for stored in tmp_path.glob("*/config.json"):
+        architecture = json.loads(stored.read_text())
+        stored.write_text(json.dumps(architecture | {"num_hidden_layers": 2}))
+    plan = planner.plan_prepared(planned, topology.resolve_target(pod.topology))
+    assert [p.error for p in plan.programs] == [""] * len(plan.programs)
+    assert plan.num_devices == _chips(pod.topology)

@@ -21,6 +21,7 @@ from easyppo.cli import errors, logs
 from easyppo.cli.train import config_from_argv
 from easyppo.plan import chips, planner, topology
 from easyppo.plan.report import RunPlan
+from easyppo.run import config as run_config
 
 USAGE = f"""usage: easyppo plan --config=ALGORITHM:PRESET [--topology=local|GEN:SHAPE] [--hbm_gib=N]
                     [--no_suggest] [--json=FILE] [--config.KEY=VALUE ...]
@@ -39,6 +40,8 @@ Supported algorithms: {", ".join(planner.SUPPORTED)}.
 """
 
 GIB = 1 << 30
+# Config keys whose refusal on a slice a variant (another mesh, more accumulation) may cure.
+SHAPE_KEYS = ("data.global_batch_size", "eval.batch_size", "mesh")
 LIBTPU_HOST_ENV = {
     "TPU_SKIP_MDS_QUERY": "1",
     "TPU_WORKER_HOSTNAMES": "localhost",
@@ -125,15 +128,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ValueError:
                 raise errors.UsageError(f"--hbm_gib={hbm_gib!r} is not a number") from None
             target = topology.with_chip(target, chips.with_memory(target.chip, budget))
-        plan = planner.plan_run(config, target)
-        print(table(plan))
-        result = {"plan": plan.as_dict(), "suggestions": []}
-        if plan.fits is False and not no_suggest:
-            print("\ndoes not fit; trying variants ...", flush=True)
+        result = {"plan": None, "suggestions": []}
+        refusal: run_config.ConfigError | None = None
+        try:
+            plan = planner.plan_run(config, target)
+        except run_config.ConfigError as e:
+            if no_suggest or e.key not in SHAPE_KEYS:
+                raise
+            # The batch or mesh does not divide on this slice: a variant may (a mesh, accumulation).
+            print(f"error: {errors.one_line(e)}\nthe run does not divide over {target.name}; trying variants ...")
+            result["error"] = errors.one_line(e)
+            plan, refusal = None, e
+        if plan is not None:
+            print(table(plan))
+            result["plan"] = plan.as_dict()
+        if (plan is None or plan.fits is False) and not no_suggest:
+            if plan is not None:
+                print("\ndoes not fit; trying variants ...", flush=True)
             suggestions = planner.suggest(config, target)
             if suggestions:
                 best = suggestions[0]
                 print(f"suggestion: {best.flags}\n{table(best.plan)}")
+            elif refusal is not None:
+                raise run_config.ConfigError(refusal.key, f"{refusal.message}; and no variant tried divides and fits")
             else:
                 print("no variant tried fits: a larger slice (more chips) or a chip with more memory is needed")
             result["suggestions"] = [{"overrides": s.overrides, "plan": s.plan.as_dict()} for s in suggestions]

@@ -27,17 +27,19 @@ class PodSlice:
 POD_SLICES: dict[str, tuple[PodSlice, ...]] = {
     "sft:tulu2_7b": (
         PodSlice("v5p:4x4x4", ("train.grad_accum_steps=2",)),
-        PodSlice("v4:4x4x4", ("model.remat=full",)),
+        PodSlice("v4:4x4x4", ("model.remat=full", "train.grad_accum_steps=2")),
     ),
-    "rm:tulu25_13b_uf": (PodSlice("v4:4x4x2", ("model.remat=full",)),),
+    "rm:tulu25_13b_uf": (PodSlice("v4:4x4x2", ("model.remat=full", "train.grad_accum_steps=8")),),
     "dpo:tulu25_13b_uf_mean": (
         PodSlice("v4:4x4x2", ("model.remat=full",)),
-        PodSlice("v5e:8x8", ("mesh.tensor=2", "model.remat=full")),
+        PodSlice("v5e:8x8", ("mesh.tensor=4", "model.remat=full", "train.grad_accum_steps=2")),
     ),
     "dpo:tulu3_8b_dpo_norm": (PodSlice("v5p:2x4x4", ("model.remat=full",)),),
     "ppo:tulu25_13b_uf_mean": (PodSlice("v5p:4x4x4"), PodSlice("v4:4x4x8")),
     "ppo:tulu25_13b_uf_mean_13b_uf_rm": (PodSlice("v4:4x4x4"),),
     "grpo:tulu3_8b_rlvr": (PodSlice("v5p:4x4x4"),),
     "grpo:dr_grpo": (PodSlice("v5p:4x4x4"),),
-    "grpo:dapo": (PodSlice("v5p:4x4x8"),),
+    "grpo:dapo": (
+        PodSlice("v5p:4x4x8", ("grpo.rollout_batch_size=32", "model.remat=full", "train.grad_accum_steps=16")),
+    ),
 }

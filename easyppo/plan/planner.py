@@ -7,7 +7,8 @@ replaced by their architectures (``easyppo.plan.architectures``), and every prog
 ``suggest`` tries a small, bounded set of changes (at most ``MAX_VARIANTS`` compiles), each a config
 override a user can pass as is: remat ``full`` (keep only each layer's input), gradient accumulation
 of 2, 4, 8 or 16 microbatches (fewer rows per forward pass), for RL 2 or 4 times the update
-minibatches, and the mesh's tensor-parallel size (weights and activations split by heads instead of
+minibatches and a rollout in 2 to 16 chunks of prompts (``rollout_batch_size``: the KV cache and the
+scoring passes of one chunk at a time), and the mesh's tensor-parallel size (weights and activations split by heads instead of
 rows). An accumulation or minibatch ladder stops at its first rung that fits. If no single change
 fits, remat ``full`` is combined with the others. Variants the validation refuses (a batch that does
 not divide, heads that do not split) are skipped without compiling. The one that fits with the
@@ -82,10 +83,11 @@ def plannable(config: ml_collections.ConfigDict, scratch: pathlib.Path) -> ml_co
 def plan_run(config: ml_collections.ConfigDict, target: Target) -> RunPlan:
     """Validates ``config`` for ``target`` and compiles every program of one iteration (module doc)."""
     with tempfile.TemporaryDirectory(prefix="easyppo-plan-") as scratch:
-        return _plan(plannable(config, pathlib.Path(scratch)), target)
+        return plan_prepared(plannable(config, pathlib.Path(scratch)), target)
 
 
-def _plan(planned: ml_collections.ConfigDict, target: Target) -> RunPlan:
+def plan_prepared(planned: ml_collections.ConfigDict, target: Target) -> RunPlan:
+    """``plan_run`` of a config that already went through ``plannable``."""
     run_config.validate(planned, num_devices=len(target.devices), process_count=target.num_hosts)
     reports = _compile_programs(planned, target)
     return RunPlan(
@@ -135,8 +137,12 @@ def _ladders(config: ml_collections.ConfigDict, base: dict[str, Any]) -> list[li
     accumulation = config.train.grad_accum_steps
     ladders = [[{**base, "train.grad_accum_steps": accumulation * factor} for factor in ACCUMULATION_FACTORS]]
     if config.algorithm in ("ppo", "grpo"):
-        minibatches = config[config.algorithm].num_minibatches
-        ladders.append([{**base, f"{config.algorithm}.num_minibatches": minibatches * f} for f in (2, 4)])
+        section = config[config.algorithm]
+        ladders.append([{**base, f"{config.algorithm}.num_minibatches": section.num_minibatches * f} for f in (2, 4)])
+        chunk = section.rollout_batch_size or config.data.global_batch_size
+        ladders.append(
+            [{**base, f"{config.algorithm}.rollout_batch_size": chunk // f} for f in (2, 4, 8, 16) if chunk % f == 0]
+        )
     ladders += [
         [{**base, "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": tensor}]
         for tensor in TENSOR_SIZES
@@ -192,7 +198,7 @@ def _plan_variant(config: ml_collections.ConfigDict, overrides: dict[str, Any], 
     variant = _with(config, overrides)
     try:
         run_config.validate(variant, num_devices=len(target.devices), process_count=target.num_hosts)
-        plan = _plan(variant, target)
+        plan = plan_prepared(variant, target)
     except ValueError as e:  # ConfigError is one; the model's fit to the mesh is checked while loading
         logger.debug("variant %s skipped: %s", overrides, e)
         return None

@@ -193,69 +193,79 @@ def _reference_pass(
 # ------------------------------------------------------------------------------------ RL algorithms
 
 
-def _rollout_work(config: ml_collections.ConfigDict, options: Any, policy, shape: work.MeshShape) -> work.Work:
+def _rollout_work(
+    config: ml_collections.ConfigDict, options: Any, policy, shape: work.MeshShape, *, prompts: int | None = None
+) -> work.Work:
+    """One rollout of ``prompts`` (default: the whole batch)."""
     rollout_dtype = getattr(options, "rollout_dtype", "") or policy.dtype
     return work.generation(
         policy.replace(dtype=rollout_dtype),
         shape,
-        rows=config.data.global_batch_size * options.samples_per_prompt,
+        rows=(prompts or config.data.global_batch_size) * options.samples_per_prompt,
         prompt_len=config.data.max_prompt_len,
         new_tokens=options.sampling.max_new_tokens,
     )
 
 
+def _with_rows(tree: Any, rows: int) -> Any:
+    """Abstract arrays like ``tree``'s with ``rows`` rows: a chunk's outputs, concatenated."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype, sharding=x.sharding), tree)
+
+
 def rl_iteration(config: ml_collections.ConfigDict, target: Target, total_steps: int = 1) -> list[ProgramReport]:
     """Compiles one RL iteration's programs in order (rollout, judge, assemble, update), each on the
-    abstract outputs of the one before, and reports them."""
-    trainer, mesh, batch = _abstract_trainer(config, target, total_steps)
+    abstract outputs of the one before, and reports them.
+
+    With ``rollout_batch_size`` the rollout and the judge run chunk by chunk (``RLTrainer.sample``):
+    each is compiled for one chunk, and its work counts every chunk.
+    """
+    trainer, mesh, _ = _abstract_trainer(config, target, total_steps)
     options, models, shape = trainer.options, trainer.models, work.mesh_shape(mesh)
     state = trainer.abstract_state()
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rows = config.data.global_batch_size * options.samples_per_prompt
+    prompts = config.data.global_batch_size
+    chunk = options.rollout_batch_size or prompts
+    chunks = prompts // chunk
+    rows = prompts * options.samples_per_prompt
     prompt, new = config.data.max_prompt_len, options.sampling.max_new_tokens
     sequence = dict(rows=rows, seq_len=prompt + new)
+    chunk_sequence = dict(rows=chunk * options.samples_per_prompt, seq_len=prompt + new)
     recompute = options.old_logprobs == "recompute"
 
     judge_work = work.Work()
     if options.uses_reference or recompute:
-        policy_pass = work.forward_pass(models.policy, shape, **sequence, head_positions=new, head="lm")
+        policy_pass = work.forward_pass(models.policy, shape, **chunk_sequence, head_positions=new, head="lm")
         judge_work += policy_pass.times(int(options.uses_reference) + int(recompute))
     if models.value is not None:
-        judge_work += work.forward_pass(models.value, shape, **sequence, head_positions=new, head="score")
+        judge_work += work.forward_pass(models.value, shape, **chunk_sequence, head_positions=new, head="score")
     if models.reward is not None:
-        judge_work += work.forward_pass(models.reward, shape, **sequence, head_positions=1, head="score")
-    minibatches = options.num_minibatches * work.microbatches(config)
-    update_work = work.training_pass(
-        models.policy,
-        shape,
+        judge_work += work.forward_pass(models.reward, shape, **chunk_sequence, head_positions=1, head="score")
+    judge_work = judge_work.times(chunks)
+    # Every epoch passes over all rows in minibatches (each split into microbatches), one optimizer
+    # step per minibatch, for the policy and the critic alike.
+    passes = dict(
         **sequence,
         head_positions=new,
-        head="lm",
-        microbatches=minibatches,
+        microbatches=options.num_minibatches * work.microbatches(config),
         optimizer_steps=options.num_minibatches,
-    ).times(options.ppo_epochs)
-    if models.value is not None:
-        update_work += work.training_pass(
-            models.value,
-            shape,
-            **sequence,
-            head_positions=new,
-            head="score",
-            microbatches=minibatches,
-            optimizer_steps=options.num_minibatches,
-        ).times(options.ppo_epochs)
+    )
+    update_work = work.Work()
+    for model, head in ((models.policy, "lm"), (models.value, "score")):
+        if model is not None:
+            update_work += work.training_pass(model, shape, head=head, **passes).times(options.ppo_epochs)
 
     rewards = jax.ShapeDtypeStruct((rows,), np.float32, sharding=sharding.batch_sharding(mesh))
     scalar = jax.ShapeDtypeStruct((), np.float32, sharding=replicated)
     chain, out = _Chain(), {}
+    batch = _abstract_batch(config, mesh, chunk)
     with jax.set_mesh(mesh):
         out["sampled"] = chain.compile(
             "rollout",
             lambda: trainer.rollout.lower(
                 state.params, batch, rng, sampling=trainer.sampling, samples_per_prompt=options.samples_per_prompt
             ),
-            _rollout_work(config, options, models.policy, shape),
+            _rollout_work(config, options, models.policy, shape, prompts=chunk).times(chunks),
         )
         out["judged"] = chain.compile(
             "judge",
@@ -266,7 +276,9 @@ def rl_iteration(config: ml_collections.ConfigDict, target: Target, total_steps:
         )
         out["scored"] = chain.compile(
             "assemble",
-            lambda: trainer.assemble.lower(_outputs(out["judged"]), _outputs(out["sampled"]), rewards, scalar),
+            lambda: trainer.assemble.lower(
+                _with_rows(_outputs(out["judged"]), rows), _with_rows(_outputs(out["sampled"]), rows), rewards, scalar
+            ),
         )
         chain.compile(
             "update",

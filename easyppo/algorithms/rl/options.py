@@ -32,6 +32,9 @@ class RLOptions:
 
     # Rollout.
     samples_per_prompt: int = option(1, "responses sampled per prompt (rollout rows = prompts x this)")
+    rollout_batch_size: int = option(
+        0, "prompts sampled and scored at once (0: the whole batch); fewer cap the KV cache and scoring memory"
+    )
     sampling: SamplingConfig = option(
         SamplingConfig(temperature=0.7, max_new_tokens=128), "temperature, top-p/k, max_new_tokens, stop ids"
     )
@@ -87,6 +90,7 @@ class RLOptions:
     def __post_init__(self):
         for key in ("samples_per_prompt", "ppo_epochs", "num_minibatches", "kl_horizon", "logprob_chunk_size"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.rollout_batch_size >= 0, "rollout_batch_size", f"must be >= 0, got {self.rollout_batch_size}")
         for key, allowed in (
             ("kl_estimator", KL_ESTIMATORS),
             ("missing_eos_mode", MISSING_EOS_MODES),

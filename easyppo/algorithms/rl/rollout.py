@@ -74,6 +74,21 @@ def rollout(
     )
 
 
+def row_chunks(tree: PyTree, size: int) -> list[PyTree]:
+    """``tree``'s rows (the leading axis of every leaf) in consecutive chunks of ``size``.
+
+    With prompts repeated row by row, a chunk of whole prompts holds whole groups, and the chunks'
+    outputs concatenated in order are laid out as one pass over every prompt would lay them out.
+    """
+    rows = jax.tree.leaves(tree)[0].shape[0]
+    return [jax.tree.map(lambda x, s=start: x[s : s + size], tree) for start in range(0, rows, size)]
+
+
+def concat_rows(parts: list[PyTree]) -> PyTree:
+    """The chunks of ``row_chunks`` (or their outputs) as one tree again; ``None`` leaves stay ``None``."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+
+
 @flax.struct.dataclass
 class RolloutSamples:
     """A rollout with each row's scores, kept on the device until the loop logs a samples table."""

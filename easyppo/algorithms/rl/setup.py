@@ -19,7 +19,7 @@ from easyppo.algorithms.rl import forward
 from easyppo.algorithms.rl.options import RLOptions
 from easyppo.algorithms.rl.trainer import RLTrainer
 from easyppo.algorithms.rl.update import Optimizers
-from easyppo.core import optim
+from easyppo.core import optim, sharding
 from easyppo.core.options import OptionError
 from easyppo.data import chat
 from easyppo.models import generation
@@ -69,6 +69,15 @@ def check_run(config: ml_collections.ConfigDict, options: RLOptions, *, name: st
             f"the rollout's {rows} rows (data.global_batch_size x samples_per_prompt) do not split into "
             f"{options.num_minibatches} minibatches",
         )
+    chunk = getattr(options, "rollout_batch_size", 0)  # online DPO samples its batch at once
+    for key, prompts in (
+        ("data.global_batch_size", config.data.global_batch_size),
+        ("eval.batch_size", config.eval.batch_size),
+    ):
+        if chunk and prompts and prompts % chunk:
+            raise OptionError(
+                f"{name}.rollout_batch_size", f"{chunk} prompts at once do not split {key}={prompts} into equal chunks"
+            )
     if not options.rewards.strip():
         raise OptionError(f"{name}.rewards", "is empty: name at least one reward source, e.g. 'math_verify'")
     reward_sources(options, name)  # imports user functions now, before anything loads
@@ -198,6 +207,12 @@ def make_trainer(
 ) -> RLTrainer:
     """Loads the models the options need and builds the trainer."""
     section = config[name]
+    ways = sharding.batch_parallelism(mesh)
+    if options.rollout_batch_size % ways:  # before any model loads: each chunk spreads over the batch axes
+        raise OptionError(
+            f"{name}.rollout_batch_size",
+            f"{options.rollout_batch_size} is not divisible by mesh.data * mesh.fsdp = {ways}",
+        )
     sources = reward_sources(options, name)
     check_answers(sources, inputs, name)
     loaded = load_models(config, options, mesh, resuming=resuming, name=name, abstract=inputs.abstract)

@@ -126,6 +126,9 @@ class RLTrainer:
         self._reward_model_score = jax.jit(
             lambda params, sampled: forward.sequence_scores(reward_model, params, scoring.sequences_of(sampled))
         )
+        rows = sharding.batch_sharding(self.mesh)
+        self._row_chunks = jax.jit(rollout.row_chunks, static_argnames=("size",), out_shardings=rows)
+        self._concat_rows = jax.jit(rollout.concat_rows, out_shardings=rows)
         self._eval_judge = jax.jit(self._eval_judge_impl)
         self._eval_samples = 1 if not o.uses_critic and self.eval_sampling.greedy else o.samples_per_prompt
 
@@ -159,6 +162,33 @@ class RLTrainer:
         )
         return sharding.with_shardings(state, self.state_shardings)
 
+    # ------------------------------------------------------------------------- chunked phases
+
+    def sample(self, params, prompts, rng, *, sampling, samples_per_prompt: int) -> rollout.Rollout:
+        """``rollout`` of ``prompts``, ``rollout_batch_size`` prompts at a time when that is set.
+
+        Chunks cap the KV cache and the sampler's activations at one chunk's; each chunk is spread
+        over every device and sampled with its own key (``fold_in(rng, chunk)``), and the results
+        are concatenated in prompt order. Without chunks the rollout is the single program it was.
+        """
+        size = self.options.rollout_batch_size
+        run = functools.partial(self.rollout, params, sampling=sampling, samples_per_prompt=samples_per_prompt)
+        if not size or size >= prompts["prompt_input_ids"].shape[0]:
+            return run(prompts, rng)
+        chunks = self._row_chunks(prompts, size=size)
+        return self._concat_rows([run(chunk, jax.random.fold_in(rng, i)) for i, chunk in enumerate(chunks)])
+
+    def judge_rollout(self, state: RLState, sampled: rollout.Rollout, *, recompute_policy: bool) -> scoring.Judgement:
+        """``judge`` of ``sampled``, in the chunks ``sample`` used (their scoring passes' activations
+        are one chunk's)."""
+        run = functools.partial(
+            self.judge, state.params, state.value_params, self.frozen, recompute_policy=recompute_policy
+        )
+        size = self.options.rollout_batch_size * self.options.samples_per_prompt
+        if not size or size >= sampled.row_mask.shape[0]:
+            return run(sampled)
+        return self._concat_rows([run(chunk) for chunk in self._row_chunks(sampled, size=size)])
+
     # ------------------------------------------------------------------------------- train step
 
     def train_step(self, state: RLState, batch: Mapping[str, jax.Array], rng: jax.Array, *, step: int) -> StepResult:
@@ -166,7 +196,7 @@ class RLTrainer:
         o = self.options
         train_policy = step + 1 > o.value_warmup_steps
         with jax.set_mesh(self.mesh):
-            sampled = self.rollout(
+            sampled = self.sample(
                 state.params,
                 batch,
                 jax.random.fold_in(rng, 0),
@@ -178,10 +208,10 @@ class RLTrainer:
             )
             if o.dynamic_sampling:
                 sampled, rewards, host_metrics = self._dynamic_sampling(state, batch, sampled, rng, step)
-                judged = self.judge(state.params, state.value_params, self.frozen, sampled, recompute_policy=recompute)
+                judged = self.judge_rollout(state, sampled, recompute_policy=recompute)
             else:
                 # Dispatched first: the device scores the rollout while the host computes rewards.
-                judged = self.judge(state.params, state.value_params, self.frozen, sampled, recompute_policy=recompute)
+                judged = self.judge_rollout(state, sampled, recompute_policy=recompute)
                 rewards, host_metrics = self._host_rewards(sampled, batch["example_index"], self.train_batcher)
             scored = self.assemble(judged, sampled, sharding.global_rows(rewards, self.mesh), state.kl_coef)
             if o.old_logprobs == "sampler":  # every iteration reports the latest measured mismatch
@@ -231,7 +261,7 @@ class RLTrainer:
             else:
                 prompts = self._refill_batch(step, round_index, first.row_mask.shape[0] // group)
                 example_index = prompts["example_index"]
-                sampled = self.rollout(
+                sampled = self.sample(
                     state.params,
                     prompts,
                     jax.random.fold_in(rng, 1 + round_index),
@@ -312,7 +342,7 @@ class RLTrainer:
     def eval_step(self, state: RLState, batch) -> MetricPairs:
         """Held-out responses (greedy by default) scored by every reward source: sums and counts."""
         with jax.set_mesh(self.mesh):
-            sampled = self.rollout(
+            sampled = self.sample(
                 state.params,
                 batch,
                 jax.random.key(0),
