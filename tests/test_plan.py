@@ -451,3 +451,15 @@ def test_a_rollout_in_chunks_is_planned_per_chunk_and_its_work_counts_every_chun
         assert chunked[name].work.flops == pytest.approx(whole[name].work.flops), name  # the same tokens
         assert chunked[name].work.bytes_per_device > whole[name].work.bytes_per_device, name  # weights read twice
     assert chunked["assemble"].argument_bytes == whole["assemble"].argument_bytes  # the whole rollout again
+
+
+def test_a_program_the_tpu_compiler_refuses_is_reported_with_what_it_said_it_needs():
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(119.91G) exceeds available HBM (95.74G)."
+    )
+    refused = report.refused_report("train_step", message, work.Work(1e15, 1e9))
+    assert refused.peak_bytes == int(119.91 * GIB) and refused.error.startswith("RESOURCE_EXHAUSTED")
+    v5p = chips.chip_named("v5p:4x4x4")
+    assert not refused.fits(v5p) and refused.roofline_seconds(v5p, 64) > 0  # its time is still known
+    assert not report.refused_report("update", "not compiled: ...").fits(chips.with_memory(None, GIB))

@@ -32,6 +32,9 @@ or script that could not be re-read from this machine.
   rollout in 16 minibatches (512 responses each), temperature 1.0, data
   ``BytedTsinghua-SIA/DAPO-Math-17k`` (answer at ``reward_model.ground_truth``). Not checked offline:
   every value is from the paper's experimental settings as remembered; the paper trains Qwen2.5-32B.
+  It does not fit a TPU pod yet (``easyppo plan``, easyppo/configs/pod_slices.py): scoring 20,480-token
+  responses needs each attention layer's T x T scores, about 15 GB per row, and easyppo has no
+  blockwise attention kernel. Shorter responses do (``--config.grpo.sampling.max_new_tokens``).
 """
 
 from __future__ import annotations

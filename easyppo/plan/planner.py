@@ -5,14 +5,15 @@ training (``run.config.validate``, for the target's device and host counts), its
 replaced by their architectures (``easyppo.plan.architectures``), and every program is compiled.
 
 ``suggest`` tries a small, bounded set of changes (at most ``MAX_VARIANTS`` compiles), each a config
-override a user can pass as is: remat ``full`` (keep only each layer's input), gradient accumulation
-of 2, 4, 8 or 16 microbatches (fewer rows per forward pass), for RL 2 or 4 times the update
+override a user can pass as is: remat ``full`` (keep only each layer's input); gradient accumulation
+of 2, 4, 8 or 16 microbatches (fewer rows per forward pass); for RL, 2 or 4 times the update
 minibatches and a rollout in 2 to 16 chunks of prompts (``rollout_batch_size``: the KV cache and the
-scoring passes of one chunk at a time), and the mesh's tensor-parallel size (weights and activations split by heads instead of
-rows). An accumulation or minibatch ladder stops at its first rung that fits. If no single change
-fits, remat ``full`` is combined with the others. Variants the validation refuses (a batch that does
-not divide, heads that do not split) are skipped without compiling. The one that fits with the
-shortest predicted iteration (or, without a chip's figures, the smallest peak) is the suggestion.
+scoring passes of one chunk at a time); and the mesh's tensor-parallel size (weights and activations
+split by heads instead of rows), each mesh alone and then with more microbatches. Each of these is a
+ladder that stops at its first rung that fits. If no single change fits, remat ``full`` is combined
+with each. Variants the validation refuses (a batch that does not divide, heads that do not split)
+are skipped without compiling. The one that fits with the shortest predicted iteration (or, without
+a chip's figures, the smallest peak) is the suggestion.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ RL_ALGORITHMS = ("ppo", "grpo", "online_dpo")
 SUPPORTED = GRADIENT_ALGORITHMS + RL_ALGORITHMS
 TENSOR_SIZES = (1, 2, 4, 8)
 ACCUMULATION_FACTORS = (2, 4, 8, 16)
-MAX_VARIANTS = 10  # compiles per suggestion: each costs seconds (tiny models) to minutes (70B)
+MAX_VARIANTS = 12  # compiles per suggestion: each costs seconds (tiny models) to minutes (70B)
 
 
 def _compile_programs(config: ml_collections.ConfigDict, target: Target) -> list:
@@ -135,7 +136,8 @@ def _ladders(config: ml_collections.ConfigDict, base: dict[str, Any]) -> list[li
     """Lists of variants (each on top of ``base``), each list ordered from least to most memory saved:
     a list is tried until one of its variants fits, since the next would save memory it does not need."""
     accumulation = config.train.grad_accum_steps
-    ladders = [[{**base, "train.grad_accum_steps": accumulation * factor} for factor in ACCUMULATION_FACTORS]]
+    more_microbatches = [{"train.grad_accum_steps": accumulation * factor} for factor in ACCUMULATION_FACTORS]
+    ladders = [[{**base, **step} for step in more_microbatches]]
     if config.algorithm in ("ppo", "grpo"):
         section = config[config.algorithm]
         ladders.append([{**base, f"{config.algorithm}.num_minibatches": section.num_minibatches * f} for f in (2, 4)])
@@ -143,11 +145,12 @@ def _ladders(config: ml_collections.ConfigDict, base: dict[str, Any]) -> list[li
         ladders.append(
             [{**base, f"{config.algorithm}.rollout_batch_size": chunk // f} for f in (2, 4, 8, 16) if chunk % f == 0]
         )
-    ladders += [
-        [{**base, "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": tensor}]
-        for tensor in TENSOR_SIZES
-        if tensor != config.mesh.tensor
-    ]
+    # Another tensor size changes how many rows each chip holds, so accumulation may then divide
+    # where it did not (and be needed where it was not): each mesh is its own ladder.
+    for tensor in TENSOR_SIZES:
+        if tensor != config.mesh.tensor:
+            mesh = {**base, "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": tensor}
+            ladders.append([mesh] + [{**mesh, **step} for step in more_microbatches])
     return ladders
 
 
