@@ -12,8 +12,8 @@ scoring passes of one chunk at a time); and the mesh's tensor-parallel size (wei
 split by heads instead of rows), each mesh alone and then with more microbatches. Each of these is a
 ladder that stops at its first rung that fits. If no single change fits, remat ``full`` is combined
 with each. Variants the validation refuses (a batch that does not divide, heads that do not split)
-are skipped without compiling. The one that fits with the shortest predicted iteration (or, without
-a chip's figures, the smallest peak) is the suggestion.
+are skipped without compiling. The one that fits with the shortest predicted iteration (then the
+smallest peak; without a chip's figures, the smallest peak) is the suggestion.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def suggest(config: ml_collections.ConfigDict, target: Target, *, max_variants: 
     with tempfile.TemporaryDirectory(prefix="easyppo-plan-") as scratch:
         planned = plannable(config, pathlib.Path(scratch))
         fitting = _fitting_variants(planned, target, max_variants)
-    return sorted(fitting, key=lambda s: _cost(s.plan))
+    # Equal times (compute-bound variants) go to the one with the most memory to spare.
+    return sorted(fitting, key=lambda s: (_cost(s.plan), s.plan.peak_bytes))
 
 
 def _fitting_variants(config: ml_collections.ConfigDict, target: Target, max_variants: int) -> list[Suggestion]:
