@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from easyppo.models import llama
+from easyppo.plan import flops as model_flops
 from easyppo.plan.flops import matmul_params
 
 T = TypeVar("T")
@@ -236,7 +237,7 @@ def llama_train_step_flops(config: llama.LlamaConfig, *, rows: int, seq_len: int
     """Model FLOPs of one forward + backward pass over ``rows`` x ``seq_len`` tokens (see StepFlops)."""
     tokens = rows * seq_len
     weights = matmul_params(config, head)
-    attention = 12.0 * rows * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len**2
+    attention = 3.0 * model_flops.attention(config, rows, seq_len, seq_len)  # forward and backward
     return StepFlops(blocks=6.0 * tokens * weights["blocks"], head=6.0 * tokens * weights["head"], attention=attention)
 
 

@@ -77,6 +77,7 @@ from easyppo.algorithms.rl.rollout import Rollout
 from easyppo.algorithms.rl.update import RLState
 from easyppo.core import sharding
 from easyppo.models import generation, llama
+from easyppo.plan import flops as model_flops
 from easyppo.run import config as run_config
 from easyppo.run import loop
 
@@ -245,29 +246,16 @@ def prompt_batch(args: argparse.Namespace, vocab_size: int) -> dict[str, np.ndar
 # ------------------------------------------------------------------------------------------- FLOPs
 
 
-def _attention_flops(config: llama.LlamaConfig, query_key_pairs: float) -> float:
-    """Scores and weighted values: 2 matmuls x 2 FLOPs x head_dim per (query, key) pair, head and layer."""
-    return 4.0 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * query_key_pairs
-
-
-def forward_flops(
-    config: llama.LlamaConfig, *, rows: int, seq_len: int, head_positions: int, head: common.Head
-) -> float:
-    """Model FLOPs of one teacher-forced forward pass: the trunk over ``seq_len`` positions, the head
-    over ``head_positions`` of them, attention over the full square (a third of ``StepFlops``)."""
-    weights = common.matmul_params(config, head)
-    dense = 2.0 * rows * (seq_len * weights["blocks"] + head_positions * weights["head"])
-    return dense + rows * _attention_flops(config, seq_len**2)
-
-
 def rollout_flops(config: llama.LlamaConfig, *, rows: int, prompt_len: int, new_tokens: int) -> float:
     """Prefill (LM head at the last prompt position) + ``new_tokens - 1`` one-token decode steps, step
     ``t`` attending to the ``prompt_len + t`` positions in the cache."""
-    prefill = forward_flops(config, rows=rows, seq_len=prompt_len, head_positions=1, head="lm")
+    prefill = model_flops.forward(config, rows=rows, seq_len=prompt_len, head_positions=1, head="lm")
     weights = common.matmul_params(config, "lm")
     steps = new_tokens - 1
     contexts = steps * prompt_len + steps * (steps + 1) / 2  # sum over t = 1 .. steps of (prompt_len + t)
-    decode = 2.0 * rows * steps * (weights["blocks"] + weights["head"]) + rows * _attention_flops(config, contexts)
+    decode = 2.0 * rows * steps * (weights["blocks"] + weights["head"]) + model_flops.attention(
+        config, rows, 1, contexts
+    )
     return prefill + decode
 
 
@@ -283,8 +271,8 @@ def phase_flops(
     """Model FLOPs of each phase of one iteration (module docstring); ``scorer`` is the reward and value
     models' architecture."""
     seq_len = prompt_len + new_tokens
-    policy_forward = forward_flops(policy, rows=rows, seq_len=seq_len, head_positions=new_tokens, head="lm")
-    scorer_forward = forward_flops(scorer, rows=rows, seq_len=seq_len, head_positions=seq_len, head="score")
+    policy_forward = model_flops.forward(policy, rows=rows, seq_len=seq_len, head_positions=new_tokens, head="lm")
+    scorer_forward = model_flops.forward(scorer, rows=rows, seq_len=seq_len, head_positions=seq_len, head="score")
     return {
         "rollout": rollout_flops(policy, rows=rows, prompt_len=prompt_len, new_tokens=new_tokens),
         "scoring": 2 * policy_forward + 2 * scorer_forward,  # policy, reference; value, reward

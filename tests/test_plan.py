@@ -364,14 +364,23 @@ def test_a_run_that_does_not_fit_gets_the_cheapest_variant_that_does():
 
 def test_variants_the_validation_refuses_are_not_compiled(monkeypatch):
     compiled = []
-    real_plan = planner.plan_prepared
-    monkeypatch.setattr(
-        planner, "plan_prepared", lambda config, target: compiled.append(config) or real_plan(config, target)
-    )
-    config = _config("sft:demo", "--config.data.global_batch_size=2")  # 2 rows: accumulation 4 cannot split them
+    real_compile = planner._compile_programs
+
+    def compile_and_record(config, target):
+        reports = real_compile(config, target)  # raises first when the model does not split over the mesh
+        compiled.append(config)
+        return reports
+
+    monkeypatch.setattr(planner, "_compile_programs", compile_and_record)
+    # 16 rows on 8 devices: 2 microbatches of 8 divide, 4 or more do not. Nothing fits in 1 byte, so
+    # every variant that validates is compiled.
+    config = _config("sft:demo", "--config.data.global_batch_size=16")
     planner.suggest(config, topology.with_chip(_local(), chips.with_memory(None, 1)))
-    assert [c.train.grad_accum_steps for c in compiled].count(4) == 0
-    assert len(compiled) <= planner.MAX_VARIANTS
+    tried = {(c.mesh.tensor, c.train.grad_accum_steps) for c in compiled}
+    assert (1, 2) in tried  # on the full fsdp mesh, 2 microbatches of 8 rows
+    # Every compiled variant's microbatch splits over its mesh's data x fsdp (8 devices / tensor).
+    assert all((16 // accumulation) % (8 // tensor) == 0 for tensor, accumulation in tried), tried
+    assert (1, 4) not in tried and len(compiled) <= planner.MAX_VARIANTS
 
 
 # ---------------------------------------------------------------------------------------------- CLI

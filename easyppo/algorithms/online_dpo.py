@@ -199,8 +199,8 @@ class OnlineDPOTrainer:
             functools.partial(rollout.rollout, policy=self.models.policy, rollout_dtype=o.rollout_dtype),
             static_argnames=("sampling", "samples_per_prompt"),
         )
-        self._reward_model_scores = jax.jit(self._reward_model_scores_impl)
-        self._pairs = jax.jit(self._pairs_impl)
+        self.reward_model_scores = jax.jit(self._reward_model_scores_impl)
+        self.pairs = jax.jit(self._pairs_impl)
         self.update = jax.jit(
             self._update_impl, out_shardings=(self.state_shardings, self._replicated), donate_argnums=(0,)
         )
@@ -263,7 +263,7 @@ class OnlineDPOTrainer:
         host, means = host_scores(self.sources, rows, tokenizer=self.tokenizer, answers_of=batcher.answers)
         raw = host
         if self.frozen.get("reward") is not None:
-            rm = self._reward_model_scores(self.frozen["reward"], sampled)
+            rm = self.reward_model_scores(self.frozen["reward"], sampled)
             raw = raw + np.float32(self.sources.reward_model_weight) * np.asarray(
                 multihost_utils.process_allgather(rm, tiled=True)
             )
@@ -284,7 +284,7 @@ class OnlineDPOTrainer:
             rows, raw, score, means = self._judge(sampled, batch["example_index"], self.train_batcher, group)
             chosen, rejected, pair_mask = pick_pairs(score, rows.real, group)
             placed = sharding.global_rows((chosen, rejected, pair_mask), self.mesh)
-            pairs = self._pairs(self.frozen, sampled, *placed)
+            pairs = self.pairs(self.frozen, sampled, *placed)
             state, metrics = self.update(state, pairs, jax.random.fold_in(rng, 1))
         real_groups = rows.real.reshape(-1, group)[:, 0]
         kept = pair_mask > 0

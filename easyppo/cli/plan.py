@@ -29,12 +29,13 @@ USAGE = f"""usage: easyppo plan --config=ALGORITHM:PRESET [--topology=local|GEN:
 Compiles every program of one iteration for the target (default: this machine's devices) without
 reading weights or data, and prints per program the per-device memory against the chip's HBM and
 the roofline time from its model FLOPs and streamed bytes; per run, the iteration time, tokens/s
-and whether it fits. When it does not fit, it tries a few changes (gradient accumulation, remat,
-tensor parallelism, update minibatches) and prints the cheapest that fits.
+and whether it fits. When it does not fit, or its batch does not divide over the target, it tries a
+bounded set of changes (remat, gradient accumulation, tensor parallelism, and for PPO and GRPO
+update minibatches and a rollout in chunks) and prints the cheapest that fits.
 
   --topology   local, or a TPU slice such as v5p:4x4x8, v4:4x4x4, v5e:8x8, v6e:8x16 ({topology.INSTALL_HINT})
   --hbm_gib    plan against this much memory per device instead of the chip's
-  --no_suggest do not try variants when the run does not fit
+  --no_suggest do not try variants when the run does not fit or divide
   --json       also write the plan (and any suggestion) as JSON to FILE
 Supported algorithms: {", ".join(planner.SUPPORTED)}.
 """
@@ -46,6 +47,7 @@ LIBTPU_HOST_ENV = {
     "TPU_SKIP_MDS_QUERY": "1",
     "TPU_WORKER_HOSTNAMES": "localhost",
     "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # without it libtpu refuses a second process (a lockfile)
 }
 
 
@@ -112,13 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     no_suggest = "--no_suggest" in argv
     argv = [arg for arg in argv if arg != "--no_suggest"]
     logs.configure(verbose)
-    if target_name != "local" and "JAX_PLATFORMS" not in os.environ:
-        # Compiling for a described topology needs no local accelerator: keep JAX on the CPU, and
-        # tell libtpu about this host instead of letting it query a TPU metadata server that is not
-        # there (slow, and five lines of warnings). The described topology does not depend on these.
-        jax.config.update("jax_platforms", "cpu")
+    if target_name != "local":
+        # Compiling for a described topology opens no TPU: tell libtpu about this host instead of
+        # letting it query a metadata server that is not there (slow, five lines of warnings), let
+        # several planners load it at once, and keep JAX itself on the CPU. The described topology
+        # does not depend on any of these.
         for name, value in LIBTPU_HOST_ENV.items():
             os.environ.setdefault(name, value)
+        if "JAX_PLATFORMS" not in os.environ:
+            jax.config.update("jax_platforms", "cpu")
     with errors.reporting(verbose) as outcome:
         config = config_from_argv(["easyppo plan", *argv])
         target = topology.resolve_target(target_name)

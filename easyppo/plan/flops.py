@@ -36,7 +36,7 @@ def matmul_params(config: llama.LlamaConfig, head: Head) -> dict[str, int]:
     return {"blocks": blocks, "head": d * config.vocab_size if head == "lm" else d}
 
 
-def attention(config: llama.LlamaConfig, rows: int, query_len: int, key_len: int) -> float:
+def attention(config: llama.LlamaConfig, rows: int, query_len: float, key_len: float) -> float:
     """Forward FLOPs of attention scores and weighted values: 4 rows L H hd q k."""
     return 4.0 * rows * config.num_hidden_layers * config.num_attention_heads * config.head_dim * query_len * key_len
 
@@ -69,7 +69,7 @@ def generation(config: llama.LlamaConfig, *, rows: int, prompt_len: int, new_tok
     flops += attention(config, rows, prompt_len, prompt_len)
     # Token i attends to prompt_len + i + 1 keys: the sum over i of (prompt_len + i + 1).
     keys = new_tokens * (prompt_len + 1) + new_tokens * (new_tokens - 1) / 2
-    return flops + 4.0 * rows * config.num_hidden_layers * config.num_attention_heads * config.head_dim * keys
+    return flops + attention(config, rows, 1, keys)
 
 
 def weight_bytes(config: llama.LlamaConfig, head: Head) -> float:

@@ -116,12 +116,7 @@ class Suggestion:
 
 def _with(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
     changed = ml_collections.ConfigDict(config.to_dict())
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = changed
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    changed.update_from_flattened_dict(overrides)
     return changed
 
 
@@ -199,10 +194,8 @@ def _fitting_variants(config: ml_collections.ConfigDict, target: Target, max_var
 
 def _plan_variant(config: ml_collections.ConfigDict, overrides: dict[str, Any], target: Target) -> RunPlan | None:
     """The variant's plan, or None when the run's validation (or the model's fit to the mesh) refuses it."""
-    variant = _with(config, overrides)
     try:
-        run_config.validate(variant, num_devices=len(target.devices), process_count=target.num_hosts)
-        plan = plan_prepared(variant, target)
+        plan = plan_prepared(_with(config, overrides), target)  # validation first, then the compiles
     except ValueError as e:  # ConfigError is one; the model's fit to the mesh is checked while loading
         logger.debug("variant %s skipped: %s", overrides, e)
         return None

@@ -70,14 +70,14 @@ def _abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
 
 def _abstract_trainer(config: ml_collections.ConfigDict, target: Target, total_steps: int):
-    """(trainer, mesh, abstract worst-case batch) of ``config`` on ``target``, reading nothing."""
+    """(trainer, its options, mesh) of ``config`` on ``target``, reading nothing."""
     algorithm = get_algorithm(config.algorithm)
     options = algorithm.options(config)
     mesh = sharding.make_mesh(config.mesh, devices=target.devices)
     tokenizer = types.SimpleNamespace(pad_id=config.data.pad_id or 0)
     inputs = RunInputs(tokenizer=tokenizer, chat_format=None, train_data=None, abstract=True)
     trainer = algorithm.make_trainer(config, options, mesh, total_steps, inputs=inputs, resuming=True)
-    return trainer, mesh, _abstract_batch(config, mesh, config.data.global_batch_size)
+    return trainer, options, mesh
 
 
 class _Chain:
@@ -129,7 +129,7 @@ def _gradient_step_work(config: ml_collections.ConfigDict, options: Any, mesh: w
     model = loading.resolve_architecture(config.model)
     settings = pipeline.example_settings(config.data)
     seq = settings.max_seq_len
-    rows, microbatches = config.data.global_batch_size, work.microbatches(config)
+    rows, microbatches = config.data.global_batch_size, config.train.grad_accum_steps
     if config.algorithm == "sft":
         return work.training_pass(
             model, mesh, rows=rows, seq_len=seq, head_positions=seq, head="lm", microbatches=microbatches
@@ -152,25 +152,25 @@ def _gradient_step_work(config: ml_collections.ConfigDict, options: Any, mesh: w
 
 def gradient_programs(config: ml_collections.ConfigDict, target: Target, total_steps: int = 1) -> list[ProgramReport]:
     """Compiles a gradient algorithm's train step (and DPO's precomputed reference pass) for ``target``."""
-    trainer, mesh, abstract_batch = _abstract_trainer(config, target, total_steps)
-    options = get_algorithm(config.algorithm).options(config)
+    trainer, options, mesh = _abstract_trainer(config, target, total_steps)
     shape = work.mesh_shape(mesh)
+    batch = _abstract_batch(config, mesh, config.data.global_batch_size)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     chain = _Chain()
     chain.compile(
         "train_step",
-        lambda: trainer.lower_train_step(trainer.abstract_state(), abstract_batch, rng),
+        lambda: trainer.lower_train_step(trainer.abstract_state(), batch, rng),
         _gradient_step_work(config, options, shape),
     )
+    reports = chain.reports
     if config.algorithm == "dpo" and options.uses_reference and options.reference == "precomputed":
-        chain.refused = ""  # the reference pass does not depend on the train step
-        _reference_pass(chain, config, options, mesh, shape)
-    return chain.reports
+        reports += _reference_pass(config, options, mesh, shape)  # its own chain: it needs no train step
+    return reports
 
 
 def _reference_pass(
-    chain: _Chain, config: ml_collections.ConfigDict, options: Any, mesh: jax.sharding.Mesh, shape
-) -> None:
+    config: ml_collections.ConfigDict, options: Any, mesh: jax.sharding.Mesh, shape
+) -> list[ProgramReport]:
     """DPO's precomputed reference pass over one batch: it runs before training, once per dataset."""
     model_config, module, params = loading.load_model(
         dpo.reference_model_config(config, options), "causal_lm", mesh=mesh, rng=jax.random.key(0), abstract=True
@@ -181,6 +181,7 @@ def _reference_pass(
     pass_work = work.forward_pass(
         model_config, shape, rows=2 * rows, seq_len=seq, head_positions=seq - seq // 2, head="lm"
     )
+    chain = _Chain()
     with jax.set_mesh(mesh):
         chain.compile(
             "reference_pass",
@@ -188,6 +189,7 @@ def _reference_pass(
             pass_work,
             per_iteration=False,
         )
+    return chain.reports
 
 
 # ------------------------------------------------------------------------------------ RL algorithms
@@ -219,8 +221,8 @@ def rl_iteration(config: ml_collections.ConfigDict, target: Target, total_steps:
     With ``rollout_batch_size`` the rollout and the judge run chunk by chunk (``RLTrainer.sample``):
     each is compiled for one chunk, and its work counts every chunk.
     """
-    trainer, mesh, _ = _abstract_trainer(config, target, total_steps)
-    options, models, shape = trainer.options, trainer.models, work.mesh_shape(mesh)
+    trainer, options, mesh = _abstract_trainer(config, target, total_steps)
+    models, shape = trainer.models, work.mesh_shape(mesh)
     state = trainer.abstract_state()
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -247,7 +249,7 @@ def rl_iteration(config: ml_collections.ConfigDict, target: Target, total_steps:
     passes = dict(
         **sequence,
         head_positions=new,
-        microbatches=options.num_minibatches * work.microbatches(config),
+        microbatches=options.num_minibatches * config.train.grad_accum_steps,
         optimizer_steps=options.num_minibatches,
     )
     update_work = work.Work()
@@ -293,8 +295,9 @@ def online_dpo_iteration(
 ) -> list[ProgramReport]:
     """Compiles one online-DPO iteration's programs (rollout, the reward model's scores when it has
     one, the pairs with their reference log-probs, the update) and reports them."""
-    trainer, mesh, batch = _abstract_trainer(config, target, total_steps)
-    options, shape = trainer.options, work.mesh_shape(mesh)
+    trainer, options, mesh = _abstract_trainer(config, target, total_steps)
+    shape = work.mesh_shape(mesh)
+    batch = _abstract_batch(config, mesh, config.data.global_batch_size)
     policy = loading.resolve_architecture(config.model)
     state = trainer.abstract_state()
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
@@ -306,7 +309,7 @@ def online_dpo_iteration(
     index = jax.ShapeDtypeStruct((prompts,), np.int32, sharding=rows_sharding)
     mask = jax.ShapeDtypeStruct((prompts,), np.float32, sharding=rows_sharding)
     pairs_work = work.forward_pass(policy, shape, **pair_rows) if options.uses_reference else work.Work()
-    update_work = work.training_pass(policy, shape, **pair_rows, microbatches=work.microbatches(config))
+    update_work = work.training_pass(policy, shape, **pair_rows, microbatches=config.train.grad_accum_steps)
     chain, out = _Chain(), {}
     with jax.set_mesh(mesh):
         out["sampled"] = chain.compile(
@@ -323,12 +326,12 @@ def online_dpo_iteration(
             )
             chain.compile(
                 "reward_model",
-                lambda: trainer._reward_model_scores.lower(trainer.frozen["reward"], _outputs(out["sampled"])),
+                lambda: trainer.reward_model_scores.lower(trainer.frozen["reward"], _outputs(out["sampled"])),
                 reward_work,
             )
         out["pairs"] = chain.compile(
             "pairs",
-            lambda: trainer._pairs.lower(trainer.frozen, _outputs(out["sampled"]), index, index, mask),
+            lambda: trainer.pairs.lower(trainer.frozen, _outputs(out["sampled"]), index, index, mask),
             pairs_work,
         )
         chain.compile("update", lambda: trainer.update.lower(state, _outputs(out["pairs"]), rng), update_work)

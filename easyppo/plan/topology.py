@@ -8,7 +8,6 @@ mesh over them go through the real TPU compiler, SPMD partitioner included.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 
@@ -33,9 +32,6 @@ def resolve_target(name: str) -> Target:
         devices = tuple(jax.devices())
         return Target(name, devices, jax.process_count(), None)
     chip = chip_named(name)
-    # A compile-only topology opens no TPU, so several planners (or a planner beside a run) may load
-    # libtpu at once; without this libtpu refuses a second process with a lockfile error.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import ml_collections
-
 from easyppo.models import llama
 from easyppo.plan import flops
 
@@ -110,7 +108,3 @@ def mesh_shape(mesh) -> MeshShape:
     """The (data, fsdp, tensor) sizes of a ``jax.sharding.Mesh`` over easyppo's axes."""
     shape = dict(mesh.shape)
     return MeshShape(shape.get("data", 1), shape.get("fsdp", 1), shape.get("tensor", 1))
-
-
-def microbatches(config: ml_collections.ConfigDict) -> int:
-    return max(1, int(config.train.grad_accum_steps))
