@@ -47,6 +47,7 @@ setup(
             "gcsfs>=2024.6",
             "gcp-storage-emulator==2026.7.19",  # a local GCS server: gs:// paths tested end to end
             "jax[tpu]>=0.10,<0.13",  # libtpu: the planner's tests compile for real TPU topologies
+            "peft==0.21.2",  # LoRA adapters checked against the real peft library, both ways
         ],
         "plot": ["matplotlib>=3.8"],  # easyppo plot, and the demo's pictures
         "math": ["math-verify==0.9.0"],  # the 'math_verify' reward (mathematical equivalence)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers.ppo_runs import metric_rows, save_peaky_policy, tiny_ppo_config
 
-from easyppo.algorithms.online_dpo import pick_pairs
+from easyppo.algorithms.online_dpo_pairs import pick_pairs
 from easyppo.run import config as run_config
 from easyppo.run import loop
 

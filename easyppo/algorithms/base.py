@@ -24,8 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 from easyppo.algorithms.contract import MetricPairs, StepResult
 from easyppo.core import grad_accum, optim, sharding
-from easyppo.models import llama, partitioning
-from easyppo.weights import huggingface
+from easyppo.models import llama, lora, partitioning
+from easyppo.weights import huggingface, loading, peft_adapters
 from easyppo.weights.loading import load_model
 
 PyTree = Any
@@ -38,7 +38,8 @@ class TrainState:
     """Everything a gradient algorithm checkpoints: the step, the parameters and the optimizer state.
 
     Frozen models (a DPO reference) are not part of it: they are reloaded from their source, never
-    written again with every checkpoint.
+    written again with every checkpoint. With LoRA, ``params`` are only the trained adapters (and a
+    scalar head); the frozen base is the trainer's ``base_params``, reloaded the same way.
     """
 
     step: jax.Array
@@ -76,6 +77,10 @@ class GradientTrainer:
     # What eval_step passes as ``frozen`` when it differs from training's: per-row frozen inputs, such
     # as DPO's precomputed reference log-probs, are indexed by row of their own split. None: ``frozen``.
     eval_frozen: PyTree = None
+    # LoRA (``model_config.lora``): the frozen base the trained ``params`` are merged with in every
+    # forward pass (``easyppo.models.lora``); None trains the whole model.
+    base_params: PyTree = None
+    exports: ExportSettings = dataclasses.field(default_factory=lambda: ExportSettings())
 
     def __post_init__(self):
         params_shardings = jax.tree.map(lambda x: x.sharding, self.initial_params)
@@ -85,13 +90,13 @@ class GradientTrainer:
         self._replicated = replicated
         self._train_step = jax.jit(
             self._train_step_impl,
-            in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh), replicated, None),
+            in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh), replicated, None, None),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=(0,),
         )
         self._eval_step = jax.jit(
             self._eval_step_impl,
-            in_shardings=(params_shardings, sharding.batch_sharding(self.mesh), None),
+            in_shardings=(params_shardings, sharding.batch_sharding(self.mesh), None, None),
             out_shardings=replicated,
         )
 
@@ -115,8 +120,8 @@ class GradientTrainer:
 
     # -------------------------------------------------------------------------------- steps
 
-    def _train_step_impl(self, state: TrainState, batch, rng, frozen):
-        loss_fn = functools.partial(_bind_frozen, self.loss_fn, frozen)
+    def _train_step_impl(self, state: TrainState, batch, rng, frozen, base_params):
+        loss_fn = functools.partial(_bind_frozen, self.loss_fn, frozen, base_params)
         update = grad_accum.gradient_update(
             loss_fn, self.optimizer, state.params, state.opt_state, batch, rng, self.num_microbatches
         )
@@ -133,33 +138,89 @@ class GradientTrainer:
     def train_step(self, state: TrainState, batch, rng, *, step: int) -> StepResult:
         del step  # the state's own step drives the schedule, inside the program
         with jax.set_mesh(self.mesh):  # activation constraints inside the model refer to this mesh
-            state, report = self._train_step(state, batch, rng, self.frozen)
+            state, report = self._train_step(state, batch, rng, self.frozen, self.base_params)
         return StepResult(state=state, **report)
 
     def lower_train_step(self, state: TrainState, batch, rng) -> jax.stages.Lowered:
         """The jitted step lowered for these inputs (compile time, memory plan); the compiled executable
         is the one ``train_step`` runs, and JAX caches it, so the first real call compiles nothing."""
         with jax.set_mesh(self.mesh):
-            return self._train_step.lower(state, batch, rng, self.frozen)
+            return self._train_step.lower(state, batch, rng, self.frozen, self.base_params)
 
-    def _eval_step_impl(self, params, batch, frozen):
-        _, metrics = self.loss_fn(params, frozen, batch, jax.random.key(0))
+    def _eval_step_impl(self, params, batch, frozen, base_params):
+        _, metrics = self.loss_fn(lora.merge(params, base_params), frozen, batch, None)  # no dropout
         return metrics
 
     def eval_step(self, state: TrainState, batch) -> MetricPairs:
+        frozen = self.frozen if self.eval_frozen is None else self.eval_frozen
         with jax.set_mesh(self.mesh):
-            return self._eval_step(state.params, batch, self.frozen if self.eval_frozen is None else self.eval_frozen)
+            return self._eval_step(state.params, batch, frozen, self.base_params)
 
     def finalize_metrics(self, means: dict[str, float]) -> dict[str, float]:
         return self.metric_finalizer(means) if self.metric_finalizer else means
 
     def export(self, state: TrainState, directory: str) -> list[str]:
-        huggingface.save_hf(directory, self.model_config, state.params, kind=self.kind, pad_token_id=self.pad_token_id)
+        return export_model(
+            directory,
+            self.model_config,
+            lora.merge(state.params, self.base_params),
+            self.kind,
+            pad_token_id=self.pad_token_id,
+            settings=self.exports,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """How a LoRA model is exported: ``lora`` is its ``model.lora.export`` ('merged', 'peft' or
+    'both'); ``base_model`` the base's source, recorded in a peft adapter."""
+
+    lora: str = "merged"
+    base_model: str = ""
+
+    @classmethod
+    def of(cls, model_cfg: ml_collections.ConfigDict) -> ExportSettings:
+        return cls(lora=model_cfg.lora.export, base_model=model_cfg.init_from)
+
+
+def export_model(
+    directory: str,
+    model_config: llama.LlamaConfig,
+    params: PyTree,
+    kind: str,
+    *,
+    pad_token_id: int | None,
+    settings: ExportSettings = ExportSettings(),
+) -> list[str]:
+    """A trained model to ``directory`` in Hugging Face form; returns the directories written.
+
+    Without LoRA: the weights. With LoRA, ``settings.lora`` picks the adapters folded into the
+    weights ('merged'), a peft adapter ('peft'), or both (the adapter in ``<directory>_adapter``).
+    """
+    spec, lora_export = model_config.lora, settings.lora
+    if spec is None:
+        huggingface.save_hf(directory, model_config, params, kind=kind, pad_token_id=pad_token_id)
         return [directory]
+    written = []
+    if lora_export in ("merged", "both"):
+        plain = model_config.replace(lora=None)
+        merged = lora.merged_weights(params, spec)
+        huggingface.save_hf(directory, plain, merged, kind=kind, pad_token_id=pad_token_id)
+        written.append(directory)
+    if lora_export in ("peft", "both"):
+        adapter_dir = directory if lora_export == "peft" else adapter_export_dir(directory)
+        peft_adapters.save_adapter(adapter_dir, model_config, params, kind, base_model=settings.base_model)
+        written.append(adapter_dir)
+    return written
 
 
-def _bind_frozen(loss_fn: LossFn, frozen: PyTree, params, batch, rng):
-    return loss_fn(params, frozen, batch, rng)
+def adapter_export_dir(directory: str) -> str:
+    """Where ``model.lora.export='both'`` writes the peft adapter: a sibling of the merged model."""
+    return directory.rstrip("/") + "_adapter"
+
+
+def _bind_frozen(loss_fn: LossFn, frozen: PyTree, base_params: PyTree, params, batch, rng):
+    return loss_fn(lora.merge(params, base_params), frozen, batch, rng)
 
 
 def make_gradient_trainer(
@@ -174,16 +235,21 @@ def make_gradient_trainer(
     eval_frozen: PyTree = None,
     metric_finalizer: Callable[[dict[str, float]], dict[str, float]] | None = None,
     resuming: bool = False,
+    abstract: bool = False,
+    loaded: tuple[llama.LlamaConfig, Any, PyTree] | None = None,
 ) -> GradientTrainer:
     """The usual recipe: load the model named by ``config.model``, build the optimizer, jit the step.
 
     ``loss_fn_for(module, model_config)`` makes the loss once the model is known; ``pad_token_id`` (the
     run's, ``tokenizer.pad_id``) is written into the export's config. ``resuming``: the
-    run continues from a checkpoint, so the initial weights are not read (the trainer only needs
-    their shapes and shardings, for ``abstract_state``).
+    run continues from a checkpoint, so the trained weights are not read (the trainer only needs
+    their shapes and shardings, for ``abstract_state``); a LoRA run still reads its frozen base.
+    ``abstract`` (planning): no weights at all. ``loaded``: the model, when the caller loaded it
+    (``load_trained_model``).
     """
-    rng = jax.random.key(config.seed)
-    model_config, module, params = load_model(config.model, kind, mesh=mesh, rng=rng, abstract=resuming)
+    model_config, module, params, base_params = split_trained(
+        loaded or load_trained_model(config, kind, mesh, resuming=resuming, abstract=abstract)
+    )
     return GradientTrainer(
         kind=kind,
         model_config=model_config,
@@ -197,7 +263,28 @@ def make_gradient_trainer(
         pad_token_id=pad_token_id,
         metric_finalizer=metric_finalizer,
         eval_frozen=eval_frozen,
+        base_params=base_params,
+        exports=ExportSettings.of(config.model),
     )
+
+
+def load_trained_model(
+    config: ml_collections.ConfigDict, kind: str, mesh: jax.sharding.Mesh, *, resuming: bool, abstract: bool = False
+) -> tuple[llama.LlamaConfig, Any, PyTree]:
+    """``config.model`` loaded for training: abstract when planning, or when resuming a run that
+    trains every weight (the checkpoint supplies them); a LoRA run's frozen base is always read."""
+    lazy = abstract or (resuming and not loading.lora_config(config.model))
+    return load_model(config.model, kind, mesh=mesh, rng=jax.random.key(config.seed), abstract=lazy)
+
+
+def split_trained(loaded: tuple[llama.LlamaConfig, Any, PyTree]) -> tuple[llama.LlamaConfig, Any, PyTree, PyTree]:
+    """``(config, module, trained params, frozen base)``: with LoRA the adapters (and a scalar head)
+    and the rest (``lora.split``); without, every parameter and None."""
+    model_config, module, params = loaded
+    if model_config.lora is None:
+        return model_config, module, params, None
+    trained, base_params = lora.split(params)
+    return model_config, module, trained, base_params
 
 
 def std_from_moments(means: dict[str, float], name: str) -> float:

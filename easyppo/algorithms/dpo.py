@@ -98,8 +98,7 @@ def make_loss_fn(
     """
 
     def loss_fn(params, frozen, batch, rng):
-        del rng
-        policy_sums, counts = response_logprobs(module, model_config, params, batch, chunk_size=chunk_size)
+        policy_sums, counts = response_logprobs(module, model_config, params, batch, chunk_size=chunk_size, rng=rng)
         as_used = (lambda sums: ops.safe_divide(sums, counts)) if settings.averages_logprobs else (lambda sums: sums)
         policy = as_used(policy_sums)
         reference = None
@@ -166,10 +165,19 @@ def make_trainer(
     inputs: RunInputs,
     resuming: bool = False,
 ) -> base.GradientTrainer:
-    """The gradient trainer with the reference wired in as ``dpo.reference`` asks (see module doc)."""
+    """The gradient trainer with the reference wired in as ``dpo.reference`` asks (see module doc).
+
+    A LoRA policy's reference is its own frozen base (adapters off), so no second model is loaded;
+    the precomputed table is the same base's log-probs, cached like a full run's.
+    """
     frozen = eval_frozen = None
     reference_model = None
-    if options.uses_reference and options.reference == "on_the_fly":
+    loaded = base.load_trained_model(config, "causal_lm", mesh, resuming=resuming, abstract=inputs.abstract)
+    policy_config, policy_module, _, base_params = base.split_trained(loaded)
+    on_the_fly = options.uses_reference and options.reference == "on_the_fly"
+    if on_the_fly and base_params is not None and not options.reference_init_from:
+        frozen, reference_model = {"reference_params": base_params}, (policy_module, policy_config)
+    elif on_the_fly:
         model_config, module, params = load_model(
             reference_model_config(config, options),
             "causal_lm",
@@ -204,6 +212,7 @@ def make_trainer(
         eval_frozen=eval_frozen,
         pad_token_id=inputs.tokenizer.pad_id,
         resuming=resuming,
+        loaded=loaded,
     )
 
 

@@ -42,11 +42,11 @@ def _interleave_pairs(batch, name: str) -> jax.Array:
 
 
 def response_logprobs(
-    module, model_config: llama.LlamaConfig, params, batch, *, chunk_size: int
+    module, model_config: llama.LlamaConfig, params, batch, *, chunk_size: int, rng: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Summed log-probs of the response tokens and their counts, both float32 [B, 2] (chosen, rejected).
 
-    Both sides run through the model as one [2B, T] batch.
+    Both sides run through the model as one [2B, T] batch (``rng``: adapter dropout's key in training).
     """
     names = ["input_ids", "attention_mask", "position_ids", "loss_mask"]
     names += [name for name in ("window_start", "window_targets", "window_mask") if f"chosen_{name}" in batch]
@@ -60,6 +60,7 @@ def response_logprobs(
         pairs["position_ids"],
         ops.target_window(pairs),
         chunk_size=chunk_size,
+        rng=rng,
     )
     sums = ops.masked_sum(logprobs, mask, axis=-1)
     counts = ops.masked_count(logprobs, mask, axis=-1)

@@ -32,18 +32,19 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from easyppo.algorithms import base
 from easyppo.algorithms.contract import Algorithm, MetricPairs, RunInputs, StepResult
-from easyppo.algorithms.dpo_losses import LossSettings, preference_losses
+from easyppo.algorithms.dpo_losses import LossSettings
+from easyppo.algorithms.online_dpo_pairs import loss_fn, pair_batch, pair_logprobs, pick_pairs
 from easyppo.algorithms.rl import forward, losses, rollout, scoring, setup
 from easyppo.algorithms.rl.host_rewards import HostRows, held_out_pairs, host_scores
 from easyppo.algorithms.rl.options import MISSING_EOS_MODES, ROLLOUT_DTYPES
 from easyppo.algorithms.rl.trainer import finalize_score_metrics
 from easyppo.core import grad_accum, optim, sharding
 from easyppo.core.options import option, require, require_finite
-from easyppo.models import generation, partitioning
-from easyppo.models.sequences import Sequences
+from easyppo.models import generation, lora, partitioning
 from easyppo.rewards.sources import REWARD_MODEL, RewardSources, parse_reward_spec
-from easyppo.weights import huggingface, loading
+from easyppo.weights import loading
 
 PyTree = Any
 
@@ -106,66 +107,6 @@ class OnlineDPOState:
     opt_state: PyTree
 
 
-def pick_pairs(scores: np.ndarray, real_rows: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(chosen rows, rejected rows, pair mask) [prompts]: each group's best and worst response (the
-    first of equals); a group whose scores all agree, or a padding group, gives no pair (mask 0)."""
-    groups = scores.reshape(-1, group)
-    offsets = np.arange(groups.shape[0]) * group
-    chosen, rejected = offsets + groups.argmax(-1), offsets + groups.argmin(-1)
-    real = real_rows.reshape(-1, group)[:, 0]
-    return (
-        chosen.astype(np.int32),
-        rejected.astype(np.int32),
-        (real & (groups.max(-1) > groups.min(-1))).astype(np.float32),
-    )
-
-
-def pair_batch(sampled: rollout.Rollout, chosen: jax.Array, rejected: jax.Array, pair_mask: jax.Array) -> dict:
-    """The pairs' sequences, stacked [B, 2, ...] (chosen first), with their response masks."""
-    seqs = scoring.sequences_of(sampled)
-    take = lambda x: jnp.stack([jnp.take(x, chosen, axis=0), jnp.take(x, rejected, axis=0)], axis=1)
-    return {
-        "input_ids": take(seqs.input_ids),
-        "attention_mask": take(seqs.attention_mask),
-        "position_ids": take(seqs.position_ids),
-        "response_ids": take(sampled.response_ids),
-        "response_mask": take(sampled.response_mask).astype(jnp.float32),
-        "pair_mask": pair_mask,
-    }
-
-
-def pair_logprobs(policy, params, pairs: dict, *, chunk_size: int, average: bool) -> jax.Array:
-    """Summed (or, ``average``, mean) response log-probs [B, 2] of each pair's two responses."""
-    flat = lambda x: x.reshape(-1, *x.shape[2:])
-    seqs = Sequences(flat(pairs["input_ids"]), flat(pairs["attention_mask"]), flat(pairs["position_ids"]))
-    mask = flat(pairs["response_mask"])
-    logprobs = forward.response_logprobs(policy, params, seqs, flat(pairs["response_ids"]), chunk_size=chunk_size)
-    sums, counts = jnp.sum(logprobs * mask, -1), jnp.sum(mask, -1)
-    out = jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0) if average else sums
-    return out.reshape(-1, 2)
-
-
-def loss_fn(params, batch, rng, *, policy, options: OnlineDPOOptions):
-    """Summed DPO-family loss over the real pairs, with (sum, count) metrics."""
-    del rng
-    logps = pair_logprobs(
-        policy, params, batch, chunk_size=options.logprob_chunk_size, average=options.averages_logprobs
-    )
-    reference = batch.get("reference_logps") if options.uses_reference else None
-    pair_losses, rewards = preference_losses(options, logps, reference)
-    weight = batch["pair_mask"]
-    pairs = jnp.sum(weight)
-    total = lambda x: (jnp.sum(x * weight), pairs)
-    loss_sum = jnp.sum(pair_losses * weight)
-    return loss_sum, {
-        "loss": (loss_sum, pairs),
-        "implicit_accuracy": total((rewards[:, 0] > rewards[:, 1]).astype(jnp.float32)),
-        "reward_margin": total(rewards[:, 0] - rewards[:, 1]),
-        "logps_chosen": total(logps[:, 0]),
-        "logps_rejected": total(logps[:, 1]),
-    }
-
-
 @dataclasses.dataclass
 class OnlineDPOTrainer:
     """Rollout, judgement and a DPO step for one online-DPO iteration (module doc)."""
@@ -185,6 +126,8 @@ class OnlineDPOTrainer:
     sources: RewardSources
     train_batcher: Any
     eval_batcher: Any = None
+    base_params: PyTree = None  # LoRA: the frozen base the state's adapters complete (None: no LoRA)
+    exports: base.ExportSettings = base.ExportSettings()
 
     def __post_init__(self):
         o = self.options
@@ -241,8 +184,13 @@ class OnlineDPOTrainer:
             )
         return jax.tree.map(lambda x: sharding.constrain(x, P(sharding.BATCH_AXES)), pairs)
 
-    def _update_impl(self, state: OnlineDPOState, pairs: dict, rng: jax.Array):
-        loss = functools.partial(loss_fn, policy=self.models.policy, options=self.options)
+    def policy_params(self, state: OnlineDPOState) -> PyTree:
+        """The policy's whole parameter tree: with LoRA, the state's adapters on the frozen base."""
+        return lora.merge(state.params, self.base_params)
+
+    def _update_impl(self, state: OnlineDPOState, pairs: dict, rng: jax.Array, base_params: PyTree):
+        policy, o = self.models.policy, self.options
+        loss = lambda params, batch, key: loss_fn(lora.merge(params, base_params), batch, key, policy=policy, options=o)
         step = grad_accum.gradient_update(
             loss, self.optimizer, state.params, state.opt_state, pairs, rng, self.num_microbatches
         )
@@ -279,13 +227,17 @@ class OnlineDPOTrainer:
         group = self.options.samples_per_prompt
         with jax.set_mesh(self.mesh):
             sampled = self.rollout(
-                state.params, batch, jax.random.fold_in(rng, 0), sampling=self.sampling, samples_per_prompt=group
+                self.policy_params(state),
+                batch,
+                jax.random.fold_in(rng, 0),
+                sampling=self.sampling,
+                samples_per_prompt=group,
             )
             rows, raw, score, means = self._judge(sampled, batch["example_index"], self.train_batcher, group)
             chosen, rejected, pair_mask = pick_pairs(score, rows.real, group)
             placed = sharding.global_rows((chosen, rejected, pair_mask), self.mesh)
             pairs = self.pairs(self.frozen, sampled, *placed)
-            state, metrics = self.update(state, pairs, jax.random.fold_in(rng, 1))
+            state, metrics = self.update(state, pairs, jax.random.fold_in(rng, 1), self.base_params)
         real_groups = rows.real.reshape(-1, group)[:, 0]
         kept = pair_mask > 0
         host_metrics = {
@@ -310,7 +262,7 @@ class OnlineDPOTrainer:
         """Held-out responses scored by the reward sources: sums and counts."""
         with jax.set_mesh(self.mesh):
             sampled = self.rollout(
-                state.params,
+                self.policy_params(state),
                 batch,
                 jax.random.key(0),
                 sampling=self.eval_sampling,
@@ -325,10 +277,14 @@ class OnlineDPOTrainer:
         return finalize_score_metrics(means)
 
     def export(self, state, directory: str) -> list[str]:
-        huggingface.save_hf(
-            directory, self.models.policy, state.params, kind="causal_lm", pad_token_id=self.pad_token_id
+        return base.export_model(
+            directory,
+            self.models.policy,
+            self.policy_params(state),
+            "causal_lm",
+            pad_token_id=self.pad_token_id,
+            settings=self.exports,
         )
-        return [directory]
 
 
 def make_trainer(
@@ -360,6 +316,8 @@ def make_trainer(
         sources=sources,
         train_batcher=inputs.train_data.batcher if inputs.train_data is not None else None,
         eval_batcher=inputs.eval_data.batcher if inputs.eval_data is not None else None,
+        base_params=loaded.bases.policy,
+        exports=base.ExportSettings.of(config.model),
     )
 
 

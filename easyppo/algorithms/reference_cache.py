@@ -98,6 +98,8 @@ def model_identity(model_cfg: ml_collections.ConfigDict, *, seed: int) -> dict[s
     architecture = dataclasses.asdict(loading.resolve_architecture(model_cfg))
     for name in _VALUE_NEUTRAL_SETTINGS:
         architecture.pop(name, None)
+    if architecture.get("lora") is None:  # a reference never has adapters: keys from before LoRA stay valid
+        architecture.pop("lora", None)
     if not model_cfg.init_from:
         # Random init is a pure function of the architecture, the seed and JAX's PRNG implementation.
         return {"source": "random_init", "seed": seed, "jax": jax.__version__, "architecture": architecture}

@@ -17,6 +17,7 @@ import ml_collections
 from easyppo.algorithms import base
 from easyppo.algorithms.contract import Algorithm, RunInputs
 from easyppo.core.options import option, require, require_finite
+from easyppo.models import lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +37,20 @@ def bradley_terry_loss(chosen: jax.Array, rejected: jax.Array, margin: jax.Array
     return -jax.nn.log_sigmoid(chosen - rejected - margin)
 
 
-def pair_scores(module, params, batch) -> tuple[jax.Array, jax.Array]:
-    """Rewards of the chosen and rejected sequences, scored together as one [2B, T] batch."""
+def pair_scores(module, params, batch, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Rewards of the chosen and rejected sequences, scored together as one [2B, T] batch (``rng``:
+    adapter dropout's key in training)."""
     both = {
         name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
         for name in ("input_ids", "attention_mask", "position_ids")
     }
-    scores = module.apply({"params": params}, both["input_ids"], both["attention_mask"], both["position_ids"])
+    scores = module.apply(
+        {"params": params},
+        both["input_ids"],
+        both["attention_mask"],
+        both["position_ids"],
+        rngs=lora.dropout_rngs(rng),
+    )
     return jnp.split(scores, 2)
 
 
@@ -50,8 +58,8 @@ def make_loss_fn(module, model_config, options: RMOptions) -> base.LossFn:
     use_margin, center_coef = options.use_margin, options.center_coef
 
     def loss_fn(params, frozen, batch, rng):
-        del frozen, rng
-        chosen, rejected = pair_scores(module, params, batch)
+        del frozen
+        chosen, rejected = pair_scores(module, params, batch, rng)
         weight = batch["example_mask"].astype(jnp.float32)
         margin = batch["margin"] if use_margin else jnp.zeros_like(chosen)
         per_pair = bradley_terry_loss(chosen, rejected, margin) + center_coef * (chosen + rejected) ** 2
@@ -96,6 +104,7 @@ def make_trainer(
         kind="reward",
         pad_token_id=inputs.tokenizer.pad_id,
         resuming=resuming,
+        abstract=inputs.abstract,
         loss_fn_for=lambda module, model_config: make_loss_fn(module, model_config, options),
         metric_finalizer=finalize_metrics,
     )

@@ -17,7 +17,7 @@ from easyppo.algorithms import base
 from easyppo.algorithms.contract import Algorithm, RunInputs
 from easyppo.core import ops
 from easyppo.core.options import option, require
-from easyppo.models import llama
+from easyppo.models import llama, lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,21 @@ def sequence_logprobs(
     window: ops.TargetWindow,
     *,
     chunk_size: int,
+    rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs [B, W] at the positions of ``window`` (``ops.target_window``), and its mask.
 
-    The trunk runs over all T columns; the LM head only over the window's W.
+    The trunk runs over all T columns; the LM head only over the window's W. ``rng``: a training
+    forward pass's key for adapter dropout (``easyppo.models.lora``).
     """
-    hidden = module.apply({"params": params}, input_ids, attention_mask, position_ids, method="hidden_states")
+    hidden = module.apply(
+        {"params": params},
+        input_ids,
+        attention_mask,
+        position_ids,
+        method="hidden_states",
+        rngs=lora.dropout_rngs(rng),
+    )
     head = llama.output_embedding(params, model_config)
     return ops.window_logprobs(hidden, head, window, chunk_size=chunk_size), window.mask
 
@@ -54,7 +63,7 @@ def make_loss_fn(module, model_config: llama.LlamaConfig, options: SFTOptions) -
     chunk_size = options.logprob_chunk_size
 
     def loss_fn(params, frozen, batch, rng):
-        del frozen, rng
+        del frozen
         logprobs, mask = sequence_logprobs(
             module,
             model_config,
@@ -64,6 +73,7 @@ def make_loss_fn(module, model_config: llama.LlamaConfig, options: SFTOptions) -
             batch["position_ids"],
             ops.target_window(batch),
             chunk_size=chunk_size,
+            rng=rng,
         )
         nll_sum = -ops.masked_sum(logprobs, mask)
         tokens = jnp.sum(mask).astype(jnp.float32)
@@ -92,6 +102,7 @@ def make_trainer(
         kind="causal_lm",
         pad_token_id=inputs.tokenizer.pad_id,
         resuming=resuming,
+        abstract=inputs.abstract,
         loss_fn_for=lambda module, model_config: make_loss_fn(module, model_config, options),
     )
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from easyppo.models.lora import LoraConfig
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -87,6 +89,8 @@ class LlamaConfig:
     remat: str = "none"
     scan_layers: bool = False
     fuse_projections: bool = False
+    # Low-rank adapters on the trunk's projections (easyppo.models.lora); None: none.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

@@ -31,6 +31,13 @@ LLAMA_RULES: tuple[tuple[str, P], ...] = (
     (r"self_attn/o_proj/kernel$", P("tensor", "fsdp")),
     (r"mlp/(gate|up)_proj/kernel$", P("fsdp", "tensor")),
     (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
+    # LoRA adapters (easyppo.models.lora) follow their kernel: lora_a [in, r] splits ``in`` as the
+    # kernel does, lora_b [r, out] splits ``out``; the rank is never split. The low-rank product
+    # then needs no communication beyond what the kernel's own product has.
+    (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/lora_a$", P("fsdp", None)),
+    (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/lora_b$", P(None, "tensor")),
+    (r"(self_attn/o_proj|mlp/down_proj)/lora_a$", P("tensor", None)),
+    (r"(self_attn/o_proj|mlp/down_proj)/lora_b$", P(None, "fsdp")),
     (r"norm/scale$", P()),  # input_layernorm, post_attention_layernorm and the final norm
     (r"(^|/)lm_head/kernel$", P("fsdp", "tensor")),
     (r"(^|/)score/kernel$", P("fsdp", None)),

@@ -265,14 +265,22 @@ def rl_iteration(config: ml_collections.ConfigDict, target: Target, total_steps:
         out["sampled"] = chain.compile(
             "rollout",
             lambda: trainer.rollout.lower(
-                state.params, batch, rng, sampling=trainer.sampling, samples_per_prompt=options.samples_per_prompt
+                trainer.policy_params(state),
+                batch,
+                rng,
+                sampling=trainer.sampling,
+                samples_per_prompt=options.samples_per_prompt,
             ),
             _rollout_work(config, options, models.policy, shape, prompts=chunk).times(chunks),
         )
         out["judged"] = chain.compile(
             "judge",
             lambda: trainer.judge.lower(
-                state.params, state.value_params, trainer.frozen, _outputs(out["sampled"]), recompute_policy=recompute
+                trainer.policy_params(state),
+                trainer.value_params(state),
+                trainer.frozen,
+                _outputs(out["sampled"]),
+                recompute_policy=recompute,
             ),
             judge_work,
         )
@@ -284,7 +292,9 @@ def rl_iteration(config: ml_collections.ConfigDict, target: Target, total_steps:
         )
         chain.compile(
             "update",
-            lambda: trainer.update.lower(state, _outputs(out["scored"]).experience, scalar, rng, train_policy=True),
+            lambda: trainer.update.lower(
+                state, _outputs(out["scored"]).experience, scalar, rng, train_policy=True, bases=trainer.bases
+            ),
             update_work,
         )
     return chain.reports
@@ -315,7 +325,7 @@ def online_dpo_iteration(
         out["sampled"] = chain.compile(
             "rollout",
             lambda: trainer.rollout.lower(
-                state.params, batch, rng, sampling=trainer.sampling, samples_per_prompt=group
+                trainer.policy_params(state), batch, rng, sampling=trainer.sampling, samples_per_prompt=group
             ),
             _rollout_work(config, options, policy, shape),
         )
@@ -334,5 +344,7 @@ def online_dpo_iteration(
             lambda: trainer.pairs.lower(trainer.frozen, _outputs(out["sampled"]), index, index, mask),
             pairs_work,
         )
-        chain.compile("update", lambda: trainer.update.lower(state, _outputs(out["pairs"]), rng), update_work)
+        chain.compile(
+            "update", lambda: trainer.update.lower(state, _outputs(out["pairs"]), rng, trainer.base_params), update_work
+        )
     return chain.reports

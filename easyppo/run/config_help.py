@@ -36,6 +36,7 @@ SECTION_BUILDERS: dict[str, tuple[Callable[..., Any], ...]] = {
     "train": (run_config.train_defaults,),
     "eval": (run_config.eval_defaults,),
     "model": (loading.default_config,),
+    "model.lora": (loading.lora_default_config,),
     "mesh": (sharding.default_config,),
     "data": (pipeline.default_config,),
     "optim": (optim.default_config,),

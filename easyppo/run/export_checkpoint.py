@@ -46,9 +46,9 @@ def export_run_checkpoint(
     mesh = mesh or sharding_lib.make_mesh(
         ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1]
     )
-    target = {"params": loading.abstract_params(architecture, kind, mesh)}
     tokenizer, chat_format = pipeline.load_tokenizer_and_format(run.data) if run.data.tokenizer_path else (None, None)
-    params = run_directory.restore_subtree(run_dir, target, step=step)["params"]
+    params = loading.run_model_params(run_dir, kind, mesh=mesh, step=step)
+    architecture = architecture.replace(lora=None)  # a LoRA run's adapters are folded into its weights
     pad_id = tokenizer.pad_id if tokenizer is not None else architecture.pad_token_id
     files = huggingface.save_hf(
         out_dir, architecture, params, kind, dtype=dtype, pad_token_id=pad_id, max_shard_bytes=max_shard_bytes

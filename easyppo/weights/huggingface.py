@@ -190,7 +190,7 @@ def load_hf(
 # ---------------------------------------------------------------------------------------- saving
 
 
-def _to_host(x: Any) -> np.ndarray:
+def to_host(x: Any) -> np.ndarray:
     """A parameter (or one row of it) as a host NumPy array, gathering it across processes if need be."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
@@ -200,7 +200,7 @@ def _to_host(x: Any) -> np.ndarray:
 
 
 def _hf_tensor(leaf: Any, link: hf_mapping.TensorLink, dtype: np.dtype) -> np.ndarray:
-    x = _to_host(leaf if link.layer is None else leaf[link.layer])
+    x = to_host(leaf if link.layer is None else leaf[link.layer])
     return (x.T if link.transpose else x).astype(dtype, copy=False)
 
 

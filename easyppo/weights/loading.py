@@ -25,8 +25,9 @@ from etils import epath
 from ml_collections import config_dict
 
 from easyppo.core import precision, sharding
-from easyppo.models import llama, partitioning
-from easyppo.weights import hf_mapping, hub, huggingface, model_checkpoint, run_directory
+from easyppo.core.options import require
+from easyppo.models import llama, lora, partitioning
+from easyppo.weights import hf_mapping, hub, huggingface, model_checkpoint, peft_adapters, run_directory
 
 ARCHITECTURE_OVERRIDES = (
     "vocab_size",
@@ -62,7 +63,44 @@ def default_config() -> ml_collections.ConfigDict:
     c.remat = "none"  # One of easyppo.models.llama.REMAT_POLICIES.
     c.scan_layers = False  # nn.scan over layers: compile time independent of depth.
     c.fuse_projections = False  # QKV and gate/up as one matmul each (same parameters).
+    c.lora = lora_default_config()
     return c
+
+
+LORA_EXPORTS = ("merged", "peft", "both")
+
+
+def lora_default_config() -> ml_collections.ConfigDict:
+    """LoRA adapters on the model (``model.lora``; docs/lora.md). Rank 0 trains the whole model."""
+    c = ml_collections.ConfigDict()
+    c.rank = 0  # Adapter rank; 0: no adapters, every parameter is trained.
+    c.alpha = 16.0  # The adapters' update is scaled by alpha / rank (peft's lora_alpha).
+    c.dropout = 0.0  # Dropout on the adapters' input in training forward passes (peft's lora_dropout).
+    c.targets = ",".join(lora.PROJECTIONS)  # Comma-separated projections that get adapters.
+    c.init_from = ""  # A peft adapter directory to continue training from; '': fresh adapters.
+    c.export = "merged"  # What an export writes: 'merged' HF weights, a 'peft' adapter, or 'both'.
+    return c
+
+
+def lora_config(cfg: ml_collections.ConfigDict) -> lora.LoraConfig | None:
+    """The adapters a ``model`` config asks for (None: rank 0), checked with errors naming the key."""
+    section = cfg.get("lora")
+    if section is None or not section.rank:
+        return None
+    require(section.rank > 0, "model.lora.rank", f"must be >= 0, got {section.rank}")
+    require(section.alpha > 0, "model.lora.alpha", f"must be > 0, got {section.alpha}")
+    require(0.0 <= section.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {section.dropout}")
+    require(section.export in LORA_EXPORTS, "model.lora.export", f"{section.export!r} is not one of {LORA_EXPORTS}")
+    targets = tuple(name.strip() for name in section.targets.split(",") if name.strip())
+    unknown = sorted(set(targets) - set(lora.PROJECTIONS))
+    require(
+        bool(targets) and not unknown,
+        "model.lora.targets",
+        f"{section.targets!r} must name some of {', '.join(lora.PROJECTIONS)}",
+    )
+    return lora.LoraConfig(
+        rank=section.rank, alpha=float(section.alpha), dropout=float(section.dropout), targets=targets
+    )
 
 
 # Overrides that change no parameter's shape, so they may also adjust a loaded model: Tulu 2 runs
@@ -80,6 +118,8 @@ def frozen_config(cfg: ml_collections.ConfigDict, init_from: str = "") -> ml_col
     if init_from:
         frozen.init_from = init_from
     frozen.remat = "none"
+    if "lora" in frozen:
+        frozen.lora.rank = 0  # a frozen model has nothing to adapt
     return frozen
 
 
@@ -99,7 +139,7 @@ def resolve_architecture(cfg: ml_collections.ConfigDict) -> llama.LlamaConfig:
     With ``init_from`` set, the stored architecture counts; an override may change it only where no
     parameter shape depends on it (``SHAPE_FREE_OVERRIDES``), and any other override must agree with it.
     """
-    compute = _compute_settings(cfg)
+    compute = {**_compute_settings(cfg), "lora": lora_config(cfg)}
     if not cfg.init_from:
         overrides = {name: cfg[name] for name in ARCHITECTURE_OVERRIDES if cfg[name] is not None}
         return llama.get_preset(cfg.preset, **overrides, **compute)
@@ -176,19 +216,38 @@ def load_model(
     module = llama.make_model(config, kind)
     if abstract:
         return config, module, abstract_params(config, kind, mesh, rules)
+    # The base is built without adapters, so it is the same tree, with the same values, as a run
+    # without LoRA gets (a scanned stack initialises differently once its layers hold adapters).
+    params = _load_base(cfg, config.replace(lora=None), kind, mesh=mesh, rng=rng, rules=rules)
+    if config.lora is None:
+        return config, module, params
+    if cfg.lora.init_from:
+        adapters = peft_adapters.load_adapter(cfg.lora.init_from, config, kind, mesh=mesh, rules=rules)
+    else:
+        adapters = sharding.sharded_init(_adapter_initializer(config, kind), rng, mesh=mesh, rules=rules)
+    return config, module, lora.merge(adapters, params)
+
+
+def _load_base(cfg, config: llama.LlamaConfig, kind: str, *, mesh, rng, rules) -> dict:
     fresh = _initializer(config, "reward" if kind == "value" else kind)  # identical trees and values
     if not cfg.init_from:
-        return config, module, sharding.sharded_init(fresh, rng, mesh=mesh, rules=rules)
-
+        return sharding.sharded_init(fresh, rng, mesh=mesh, rules=rules)
     loaded_kind, loaded = _load_weights(cfg, config, kind, mesh, rules)
     if loaded_kind == kind or {loaded_kind, kind} == {"reward", "value"}:
-        return config, module, loaded
+        return loaded
     if loaded_kind == "causal_lm":  # new scalar head on a pretrained trunk
         head = sharding.sharded_init(lambda key: {"score": fresh(key)["score"]}, rng, mesh=mesh, rules=rules)
-        return config, module, {"model": loaded["model"], **head}
+        return {"model": loaded["model"], **head}
     raise ValueError(
         f"model.init_from={cfg.init_from!r} holds a {loaded_kind} model, which cannot start a {kind} model"
     )
+
+
+@functools.cache
+def _adapter_initializer(config: llama.LlamaConfig, kind: str):
+    """``key -> adapters`` of ``config``'s LoRA (the base's initialisation is traced, and discarded)."""
+    module = llama.make_model(config, kind)
+    return lambda key: lora.adapters(module.init(key, jax.numpy.zeros((1, 8), "int32"))["params"])
 
 
 @functools.cache
@@ -243,8 +302,36 @@ def _load_weights(cfg, config, kind, mesh, rules) -> tuple[str, dict]:
         loaded_kind = "causal_lm" if stored == "causal_lm" else kind if kind != "causal_lm" else "reward"
         _, _, params = huggingface.load_hf(str(path), loaded_kind, mesh=mesh, rules=rules, **_compute_settings(cfg))
         return loaded_kind, params
-    target = abstract_params(config, stored, mesh, rules)
-    return stored, run_directory.restore_subtree(path, {"params": target})["params"]
+    run_model = ml_collections.ConfigDict(run_directory.read_run_config(path)["model"])
+    if lora_config(run_model) is None:
+        target = abstract_params(config, stored, mesh, rules)
+        return stored, run_directory.restore_subtree(path, {"params": target})["params"]
+    return stored, _relayout(run_model_params(str(path), stored, mesh=mesh, rules=rules), config)
+
+
+def run_model_params(
+    path: str,
+    kind: str,
+    *,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.PartitionRules = partitioning.LLAMA_RULES,
+    step: int | None = None,
+) -> dict:
+    """The trained model of a run's saved ``step`` (default: the latest), as plain weights.
+
+    A LoRA run checkpoints only what it trains; its base is read again from the run's own
+    ``model.init_from`` (or initialised again from its seed) and the adapters are folded into it
+    (``lora.merged_weights``), so the result is a model without adapters.
+    """
+    run = ml_collections.ConfigDict(run_directory.read_run_config(path, step))
+    architecture = resolve_architecture(run.model)
+    target = abstract_params(architecture, kind, mesh, rules)
+    if architecture.lora is None:
+        return run_directory.restore_subtree(path, {"params": target}, step=step)["params"]
+    trained = run_directory.restore_subtree(path, {"params": lora.split(target)[0]}, step=step)["params"]
+    rng = jax.random.key(run.seed)
+    base = _load_base(run.model, architecture.replace(lora=None), kind, mesh=mesh, rng=rng, rules=rules)
+    return lora.merged_weights(lora.merge(trained, base), architecture.lora)
 
 
 def _relayout(params: dict, config: llama.LlamaConfig) -> dict:

@@ -51,14 +51,18 @@ def read_run_metadata(directory: str | epath.Path, step: int | None = None) -> d
     return json.loads((epath.Path(directory) / str(step) / METADATA_ITEM / METADATA_FILENAME).read_text())
 
 
-def stored_param_names(directory: str | epath.Path, step: int | None = None) -> set[str]:
-    """The top-level names under the stored state's ``params`` (e.g. ``{"model", "lm_head"}``)."""
+def stored_leaves(directory: str | epath.Path, step: int | None = None) -> set[tuple[str, ...]]:
+    """The key path of every leaf of the stored state (``("params", "model", ..., "kernel")``, ...)."""
     config = default_config()
     config.directory = str(directory)
     with Checkpointer(config, read_only=True) as checkpointer:
         step = checkpointer._resolve_step(step)
-        stored = trees.leaf_shapes(checkpointer._manager.metadata(step).item_metadata[STATE_ITEM].tree)
-    return {key[1] for key in stored if len(key) > 1 and key[0] == "params"}
+        return set(trees.leaf_shapes(checkpointer._manager.metadata(step).item_metadata[STATE_ITEM].tree))
+
+
+def stored_param_names(directory: str | epath.Path, step: int | None = None) -> set[str]:
+    """The top-level names under the stored state's ``params`` (e.g. ``{"model", "lm_head"}``)."""
+    return {key[1] for key in stored_leaves(directory, step) if len(key) > 1 and key[0] == "params"}
 
 
 def is_run_directory(directory: str | epath.Path) -> bool:

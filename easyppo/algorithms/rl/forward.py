@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from easyppo.core import ops
-from easyppo.models import llama, sequences
+from easyppo.models import llama, lora, sequences
 from easyppo.models.sequences import Sequences, response_columns
 
 PyTree = Any
@@ -37,14 +37,21 @@ def response_logprobs(
     chunk_size: int,
     with_entropy: bool = False,
     temperature: float = 1.0,
+    rng: jax.Array | None = None,
 ):
     """log pi(response token) [R, N] (and, ``with_entropy``, each predictive distribution's entropy).
 
     ``temperature`` scores the distribution ``softmax(logits / T)``; the logits are linear in the final
     hidden state, so dividing the hidden state by T divides every logit by T at no extra cost.
+    ``rng``: adapter dropout's key, in the update's forward passes only.
     """
     hidden = llama.make_model(policy, "causal_lm").apply(
-        {"params": params}, seqs.input_ids, seqs.attention_mask, seqs.position_ids, method="hidden_states"
+        {"params": params},
+        seqs.input_ids,
+        seqs.attention_mask,
+        seqs.position_ids,
+        method="hidden_states",
+        rngs=lora.dropout_rngs(rng),
     )
     num_new = response_ids.shape[1]
     hidden = response_columns(hidden, seqs.input_ids.shape[1] - num_new, num_new)
@@ -59,10 +66,12 @@ def response_logprobs(
     )
 
 
-def response_values(value: llama.LlamaConfig, params: PyTree, seqs: Sequences, num_new: int) -> jax.Array:
-    """The critic's value [R, N] at each response position."""
+def response_values(
+    value: llama.LlamaConfig, params: PyTree, seqs: Sequences, num_new: int, *, rng: jax.Array | None = None
+) -> jax.Array:
+    """The critic's value [R, N] at each response position (``rng``: adapter dropout's key, in training)."""
     values = llama.make_model(value, "value").apply(
-        {"params": params}, seqs.input_ids, seqs.attention_mask, seqs.position_ids
+        {"params": params}, seqs.input_ids, seqs.attention_mask, seqs.position_ids, rngs=lora.dropout_rngs(rng)
     )
     return response_columns(values, seqs.input_ids.shape[1] - num_new, num_new)
 

@@ -14,11 +14,12 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from easyppo.algorithms import base
 from easyppo.algorithms.contract import RunInputs
 from easyppo.algorithms.rl import forward
 from easyppo.algorithms.rl.options import RLOptions
 from easyppo.algorithms.rl.trainer import RLTrainer
-from easyppo.algorithms.rl.update import Optimizers
+from easyppo.algorithms.rl.update import FrozenBases, Optimizers
 from easyppo.core import optim, sharding
 from easyppo.core.options import OptionError
 from easyppo.data import chat
@@ -37,8 +38,8 @@ def value_model_config(section: ml_collections.ConfigDict) -> ml_collections.Con
     if value.init_from:
         return value
     start = ml_collections.ConfigDict(section.reward_model.to_dict())
-    for key in ("dtype", "param_dtype", "remat", "scan_layers"):
-        start[key] = value[key]  # the trained copy keeps its own compute settings
+    for key in ("dtype", "param_dtype", "remat", "scan_layers", "lora"):
+        start[key] = value[key]  # the trained copy keeps its own compute settings (and adapters)
     return start
 
 
@@ -120,9 +121,10 @@ def _check_answers(sources: RewardSources, data, key: str, name: str) -> None:
 
 class LoadedModels(NamedTuple):
     models: forward.Models
-    params: PyTree  # the policy's (abstract when resuming)
+    params: PyTree  # the policy's trained parameters (abstract when resuming without LoRA)
     value_params: PyTree | None  # the critic's; None without one
     frozen: dict  # {"reference": params | None, "reward": params | None}
+    bases: FrozenBases = FrozenBases()  # LoRA's frozen bases of the policy and critic
 
 
 def load_models(
@@ -140,12 +142,17 @@ def load_models(
     are built; the frozen reference and reward model are always read, except with ``abstract``
     (planning), where no model reads any weights.
     """
-    resuming = resuming or abstract
     section = config[name]
     rng = jax.random.key(config.seed)
-    policy_config, _, params = loading.load_model(config.model, "causal_lm", mesh=mesh, rng=rng, abstract=resuming)
+    policy_config, _, params, policy_base = base.split_trained(
+        base.load_trained_model(config, "causal_lm", mesh, resuming=resuming, abstract=abstract)
+    )
+    resuming = resuming or abstract
     frozen, described = {"reference": None, "reward": None}, []
-    if options.uses_reference:
+    if options.uses_reference and policy_base is not None and not options.reference_init_from:
+        frozen["reference"] = policy_base  # the same weights with the adapters off: nothing more loaded
+        described.append("reference = the policy's base (LoRA adapters off)")
+    elif options.uses_reference:
         reference_cfg = loading.frozen_config(config.model, options.reference_init_from)
         _, _, frozen["reference"] = loading.load_model(
             reference_cfg, "causal_lm", mesh=mesh, rng=rng, abstract=abstract
@@ -154,7 +161,7 @@ def load_models(
     # The reward model and (by default) PPO's critic start from the same weights: the value head
     # begins as the reward head, Tulu 2.5's and InstructGPT's choice.
     reward_rng = jax.random.fold_in(rng, 1)
-    reward_config = value_config = value = None
+    reward_config = value_config = value = value_base = None
     if options.uses_reward_model:
         reward_config, _, frozen["reward"] = loading.load_model(
             loading.frozen_config(section.reward_model), "reward", mesh=mesh, rng=reward_rng, abstract=abstract
@@ -162,7 +169,10 @@ def load_models(
         described.append(f"reward model {section.reward_model.init_from or 'random ' + section.reward_model.preset}")
     if options.uses_critic:
         value_cfg = value_model_config(section)
-        value_config, _, value = loading.load_model(value_cfg, "value", mesh=mesh, rng=reward_rng, abstract=resuming)
+        lazy = resuming and not loading.lora_config(value_cfg)  # a LoRA critic's base is always read
+        value_config, _, value, value_base = base.split_trained(
+            loading.load_model(value_cfg, "value", mesh=mesh, rng=reward_rng, abstract=lazy or abstract)
+        )
         described.append(f"critic {value_cfg.init_from or 'the reward model random init'}")
     logger.info(
         "%s models: policy %s%s; reward sources %s%s",
@@ -173,7 +183,13 @@ def load_models(
         " (trained weights restored from the checkpoint)" if resuming else "",
     )
     models = forward.Models(policy=policy_config, value=value_config, reward=reward_config)
-    return LoadedModels(models=models, params=params, value_params=value, frozen=frozen)
+    return LoadedModels(
+        models=models,
+        params=params,
+        value_params=value,
+        frozen=frozen,
+        bases=FrozenBases(policy=policy_base, value=value_base),
+    )
 
 
 def run_sampling(options, inputs: RunInputs) -> generation.SamplingConfig:
@@ -237,6 +253,11 @@ def make_trainer(
         initial_params=loaded.params,
         initial_value_params=loaded.value_params,
         frozen=loaded.frozen,
+        bases=loaded.bases,
+        exports=(
+            base.ExportSettings.of(config.model),
+            base.ExportSettings.of(value_model_config(section)) if critic else base.ExportSettings(),
+        ),
         num_microbatches=config.train.grad_accum_steps,
         pad_token_id=inputs.tokenizer.pad_id,
         tokenizer=inputs.tokenizer,

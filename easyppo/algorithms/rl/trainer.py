@@ -28,11 +28,10 @@ from easyppo.algorithms.contract import MetricPairs, StepResult
 from easyppo.algorithms.rl import dynamic_sampling, forward, rollout, scoring
 from easyppo.algorithms.rl.host_rewards import HostRows, held_out_pairs, host_scores
 from easyppo.algorithms.rl.options import RLOptions
-from easyppo.algorithms.rl.update import Optimizers, RLState, update
+from easyppo.algorithms.rl.update import FrozenBases, Optimizers, RLState, update
 from easyppo.core import ops, sharding
-from easyppo.models import generation, partitioning
+from easyppo.models import generation, lora, partitioning
 from easyppo.rewards.sources import RewardSources
-from easyppo.weights import huggingface
 
 PyTree = Any
 
@@ -74,6 +73,8 @@ class RLTrainer:
     train_batcher: Any  # easyppo.data.batcher.ExampleBatcher of the prompts (answers, refills)
     eval_batcher: Any = None
     seed: int = 0
+    bases: FrozenBases = FrozenBases()  # LoRA: the frozen bases the state's adapters complete
+    exports: tuple[base.ExportSettings, base.ExportSettings] = (base.ExportSettings(), base.ExportSettings())
 
     def __post_init__(self):
         o = self.options
@@ -134,6 +135,14 @@ class RLTrainer:
 
     # ------------------------------------------------------------------------------------ state
 
+    def policy_params(self, state: RLState) -> PyTree:
+        """The policy's whole parameter tree: with LoRA, the state's adapters on the frozen base."""
+        return lora.merge(state.params, self.bases.policy)
+
+    def value_params(self, state: RLState) -> PyTree:
+        """The critic's whole parameter tree (None without a critic)."""
+        return None if state.value_params is None else lora.merge(state.value_params, self.bases.value)
+
     def init_state(self) -> RLState:
         rules = partitioning.LLAMA_RULES
         init = lambda optimizer, params: sharding.sharded_optimizer_init(optimizer, params, mesh=self.mesh, rules=rules)
@@ -182,7 +191,11 @@ class RLTrainer:
         """``judge`` of ``sampled``, in the chunks ``sample`` used (their scoring passes' activations
         are one chunk's)."""
         run = functools.partial(
-            self.judge, state.params, state.value_params, self.frozen, recompute_policy=recompute_policy
+            self.judge,
+            self.policy_params(state),
+            self.value_params(state),
+            self.frozen,
+            recompute_policy=recompute_policy,
         )
         size = self.options.rollout_batch_size * self.options.samples_per_prompt
         if not size or size >= sampled.row_mask.shape[0]:
@@ -197,7 +210,7 @@ class RLTrainer:
         train_policy = step + 1 > o.value_warmup_steps
         with jax.set_mesh(self.mesh):
             sampled = self.sample(
-                state.params,
+                self.policy_params(state),
                 batch,
                 jax.random.fold_in(rng, 0),
                 sampling=self.sampling,
@@ -224,6 +237,7 @@ class RLTrainer:
                 scored.metrics.get("kl_per_sequence", jnp.zeros(())),
                 jax.random.fold_in(rng, 1),
                 train_policy=train_policy,
+                bases=self.bases,
             )
         return StepResult(
             state=state,
@@ -262,7 +276,7 @@ class RLTrainer:
                 prompts = self._refill_batch(step, round_index, first.row_mask.shape[0] // group)
                 example_index = prompts["example_index"]
                 sampled = self.sample(
-                    state.params,
+                    self.policy_params(state),
                     prompts,
                     jax.random.fold_in(rng, 1 + round_index),
                     sampling=self.sampling,
@@ -343,7 +357,7 @@ class RLTrainer:
         """Held-out responses (greedy by default) scored by every reward source: sums and counts."""
         with jax.set_mesh(self.mesh):
             sampled = self.sample(
-                state.params,
+                self.policy_params(state),
                 batch,
                 jax.random.key(0),
                 sampling=self.eval_sampling,
@@ -367,11 +381,16 @@ class RLTrainer:
     # ----------------------------------------------------------------------------------- export
 
     def export(self, state: RLState, directory: str) -> list[str]:
-        """The policy to ``directory`` (and a critic to ``<directory>_value``), in HF format."""
-        pad = self.pad_token_id
-        huggingface.save_hf(directory, self.models.policy, state.params, kind="causal_lm", pad_token_id=pad)
+        """The policy to ``directory`` (and a critic to ``<directory>_value``), in HF form (a LoRA
+        model as its ``model.lora.export`` says: ``base.export_model``)."""
+        pad, (policy, value) = self.pad_token_id, self.exports
+        params = self.policy_params(state)
+        written = base.export_model(
+            directory, self.models.policy, params, "causal_lm", pad_token_id=pad, settings=policy
+        )
         if state.value_params is None:
-            return [directory]
-        value_dir = value_export_dir(directory)
-        huggingface.save_hf(value_dir, self.models.value, state.value_params, kind="value", pad_token_id=pad)
-        return [directory, value_dir]
+            return written
+        params, directory = self.value_params(state), value_export_dir(directory)
+        return written + base.export_model(
+            directory, self.models.value, params, "value", pad_token_id=pad, settings=value
+        )

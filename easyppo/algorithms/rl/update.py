@@ -21,6 +21,7 @@ from easyppo.algorithms.rl import forward, losses
 from easyppo.algorithms.rl.options import RLOptions
 from easyppo.algorithms.rl.scoring import Experience, scoring_temperature
 from easyppo.core import grad_accum, ops, sharding
+from easyppo.models import lora
 
 PyTree = Any
 
@@ -41,6 +42,18 @@ class RLState:
     kl_coef: jax.Array
 
 
+class FrozenBases(NamedTuple):
+    """LoRA's frozen bases of the policy and the critic (``easyppo.models.lora``): the state holds
+    only the trained adapters (and the critic's head), merged with these in every forward pass.
+    None: that model is trained whole."""
+
+    policy: PyTree = None
+    value: PyTree = None
+
+
+NO_BASES = FrozenBases()
+
+
 class Optimizers(NamedTuple):
     """The policy's and the critic's optimizers, with the schedules that report their learning rates."""
 
@@ -55,7 +68,6 @@ def policy_loss_fn(
 ):
     """The clipped-surrogate loss of a minibatch (with its importance weights, KL term and entropy
     bonus) as the (sum, count) pair of ``options.loss_aggregation``, with (sum, count) metrics."""
-    del rng
     o = options
     mask = minibatch.mask
     tokens = jnp.sum(mask)
@@ -64,7 +76,7 @@ def policy_loss_fn(
     # The entropy over the vocabulary costs a pass over every chunk's logits in the forward and the
     # backward: computed only when it is part of the loss (scoring reports it anyway).
     logprob_args = (models.policy, params, minibatch.sequences, minibatch.response_ids)
-    logprob_kwargs = dict(chunk_size=o.logprob_chunk_size, temperature=scoring_temperature(o))
+    logprob_kwargs = dict(chunk_size=o.logprob_chunk_size, temperature=scoring_temperature(o), rng=rng)
     if o.entropy_coef:
         logprobs, entropy = forward.response_logprobs(*logprob_args, with_entropy=True, **logprob_kwargs)
         metrics["update_entropy"] = total(entropy)
@@ -96,8 +108,8 @@ def value_loss_fn(
     value_params: PyTree, minibatch: Experience, rng: jax.Array, *, models: forward.Models, options: RLOptions
 ):
     """Summed ``vf_coef`` x clipped value loss of a minibatch, with (sum, count) metrics."""
-    del rng
-    values = forward.response_values(models.value, value_params, minibatch.sequences, minibatch.response_ids.shape[1])
+    num_new = minibatch.response_ids.shape[1]
+    values = forward.response_values(models.value, value_params, minibatch.sequences, num_new, rng=rng)
     mask = minibatch.mask
     per_token, clipped = losses.clipped_value_loss(values, minibatch.old_values, minibatch.returns, options.value_clip)
     tokens = jnp.sum(mask)
@@ -120,6 +132,7 @@ def update(
     optimizers: Optimizers,
     num_microbatches: int,
     train_policy: bool = True,
+    bases: FrozenBases = NO_BASES,
 ) -> tuple[RLState, dict[str, jax.Array]]:
     """``ppo_epochs`` x ``num_minibatches`` steps of both models on one scored rollout.
 
@@ -127,12 +140,13 @@ def update(
     ``train_policy=False`` trains only the critic (value warm-up). Returns the new state (its ``step``
     advanced by one iteration) and the update's metrics: means over minibatches, the learning rates
     used, and how many of the optimizer steps were discarded as non-finite (``skipped_updates``).
+    With LoRA, ``bases`` holds the frozen bases that the state's trained parameters complete.
     """
     o = options
     rows = experience.mask.shape[0]
     per_minibatch = rows // o.num_minibatches
-    policy_loss = lambda p, b, r: policy_loss_fn(p, b, r, models=models, options=o)
-    value_loss = lambda p, b, r: value_loss_fn(p, b, r, models=models, options=o)
+    policy_loss = lambda p, b, r: policy_loss_fn(lora.merge(p, bases.policy), b, r, models=models, options=o)
+    value_loss = lambda p, b, r: value_loss_fn(lora.merge(p, bases.value), b, r, models=models, options=o)
 
     def minibatch_step(carry, inputs):
         state, skipped = carry
