@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning: what is trained, the memory it holds, and the step time.
 
     python -m benchmarks.lora_savings                 # DPO and PPO on a small model, measured here
-    python -m benchmarks.lora_savings --predict       # + the planner's per-chip memory at 8B/13B/70B on TPU
+    python -m benchmarks.lora_savings --predict       # the planner's per-chip memory at 8B/13B/70B on TPU
     python -m benchmarks.lora_savings --rank 8 --steps 3 --json_out lora.json
 
 **Measured** (this machine, one process): for DPO (reference on the fly) and PPO (policy, critic,
@@ -23,17 +23,19 @@ are built by the train loop's own ``trainer_for`` on the demo's data, then
 updated, so they need no float32 master copy; adapters stay float32). The compiler's per-chip peak
 and whether it fits the chip. A row takes minutes on 2 cores.
 
-Prints one JSON object on stdout (and to ``--json_out``) and the tables on stderr; results are also
-kept in benchmarks/results/lora_savings.json.
+Prints one JSON object on stdout (and to ``--json_out``) and the tables on stderr. Both halves are
+kept in benchmarks/results/lora_savings.json; a run of one half keeps the other's last results.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import json
 import pathlib
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,14 +55,30 @@ from easyppo.plan import planner, topology
 from easyppo.run import loop
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "lora_savings.json"
-MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+# Large enough that weights and optimizer state, not the activations of a short batch, set the peak.
+MODEL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)
 
-# (workload, preset, TPU slice, flags shared by both modes)
+# (workload, preset, TPU slice, flags shared by both modes). Full remat, microbatches and a small
+# precompute batch keep the activations small, so the rows compare what LoRA changes: weights,
+# gradients and optimizer state.
+DPO_FLAGS = ("--config.model.remat=full",)
+
+
+def _batches(*, accum: int, precompute: int) -> tuple[str, ...]:
+    return (f"--config.train.grad_accum_steps={accum}", f"--config.dpo.reference_batch_size={precompute}")
+
+
+PPO_FLAGS = ("--config.model.remat=full", "--config.ppo.value_model.remat=full", "--config.train.grad_accum_steps=16")
 PREDICTED = (
-    ("Llama 3 8B DPO", "dpo:tulu3_8b_dpo_norm", "v5e:4x4", ()),
-    ("13B DPO (Tulu 2.5)", "dpo:tulu25_13b_uf_mean", "v5e:4x4", ()),
-    ("Llama 3 70B DPO", "dpo:tulu3_8b_dpo_norm", "v5p:2x2x4", pod_plans.LLAMA3_70B_DPO),
-    ("Llama 3 8B PPO, 8B reward", "ppo:tulu25_13b_uf_mean", "v5p:2x2x2", pod_plans.LLAMA3_8B_PPO),
+    ("Llama 3 8B DPO", "dpo:tulu3_8b_dpo_norm", "v5e:2x4", (*DPO_FLAGS, *_batches(accum=8, precompute=16))),
+    ("13B DPO (Tulu 2.5)", "dpo:tulu25_13b_uf_mean", "v5e:4x8", (*DPO_FLAGS, *_batches(accum=1, precompute=32))),
+    (
+        "Llama 3 70B DPO",
+        "dpo:tulu3_8b_dpo_norm",
+        "v5p:2x2x2",
+        (*pod_plans.LLAMA3_70B_DPO, *DPO_FLAGS, *_batches(accum=8, precompute=16)),
+    ),
+    ("Llama 3 8B PPO, 8B reward", "ppo:tulu25_13b_uf_mean", "v5p:2x2x1", (*pod_plans.LLAMA3_8B_PPO, *PPO_FLAGS)),
 )
 
 
@@ -177,8 +195,6 @@ def predict(jobs: int) -> list[dict[str, Any]]:
             more = ("--config.ppo.value_model.lora.rank=16", "--config.ppo.value_model.param_dtype=bfloat16")
             extra = extra + (more if preset.startswith("ppo") and extra else ())
             todo.append((workload, mode, pod_plans.Row(workload, preset, tpu, (*flags, *extra, "--no_suggest"))))
-    import concurrent.futures
-
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         for (workload, mode, row), result in zip(todo, pool.map(pod_plans.plan_row, [t[2] for t in todo])):
             plan = result.get("plan")
@@ -192,6 +208,8 @@ def predict(jobs: int) -> list[dict[str, Any]]:
                     fits=plan["fits"],
                     peak_bytes=largest["peak_bytes"],
                     peak_program=largest["name"],
+                    # a program the compiler refused reports only the temporaries it asked for
+                    refused=bool(largest["error"]),
                     hbm_bytes=largest.get("hbm_bytes"),
                 )
             print(f"{workload} {mode} on {row.topology}: {entry.get('fits', entry.get('error'))}", file=sys.stderr)
@@ -221,7 +239,10 @@ PREDICTED_COLUMNS = (
     common.Column("workload", lambda r: r["workload"]),
     common.Column("slice", lambda r: r["slice"]),
     common.Column("mode", lambda r: r["mode"]),
-    common.Column("peak GiB/chip", lambda r: _gib(r.get("peak_bytes"))),
+    common.Column(
+        "peak GiB/chip",
+        lambda r: (">= " if r.get("refused") else "") + _gib(r.get("peak_bytes")) if r.get("chips") else "-",
+    ),
     common.Column("program", lambda r: r.get("peak_program", r.get("error", ""))),
     common.Column("fits", lambda r: {True: "yes", False: "no", None: "-"}[r.get("fits")]),
 )
@@ -232,31 +253,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the measured runs")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument("--predict", action="store_true", help="also plan 8B/13B/70B on TPU slices (slow)")
+    parser.add_argument("--predict", action="store_true", help="plan 8B/13B/70B on TPU slices instead (slow)")
     parser.add_argument("--jobs", type=int, default=2, help="plans compiled at once with --predict")
     parser.add_argument("--json_out", default="", help="also write the JSON report here")
     args = parser.parse_args(argv)
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="easyppo-lora-bench-") as scratch:
-        measured = measure(args, pathlib.Path(scratch))
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.predict:  # the slow half alone; the measured half is kept from the last run
+        measured, predicted = stored.get("measured", []), predict(args.jobs)
+    else:
+        with tempfile.TemporaryDirectory(prefix="easyppo-lora-bench-") as scratch:
+            measured, predicted = measure(args, pathlib.Path(scratch)), stored.get("predicted", [])
     report = {
         "benchmark": "lora_savings",
         "command": " ".join(["python -m benchmarks.lora_savings", *(argv or sys.argv[1:])]),
         "machine": common.machine_info(),
         "model": MODEL,
         "measured": measured,
-        "predicted": predict(args.jobs) if args.predict else [],
+        "predicted": predicted,
         "versions": pod_plans.versions(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    if not report["predicted"] and stored.get("predicted"):
-        report["predicted"] = stored["predicted"]  # a measured-only run keeps the slow predictions
     RESULTS.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    table = common.format_table(measured, MEASURED_COLUMNS)
-    if report["predicted"]:
-        table += "\n\n" + common.format_table(report["predicted"], PREDICTED_COLUMNS)
+    table = common.format_table(measured, MEASURED_COLUMNS) if measured else ""
+    if predicted:
+        table += "\n\n" + common.format_table(predicted, PREDICTED_COLUMNS)
     common.emit(report, table, json_out=args.json_out or None)
     return report
 

@@ -266,6 +266,7 @@ def test_lora_dpo_learns_the_demo_preference(tmp_path, data):
     config = lora_config("dpo", tmp_path / "dpo", data, num_steps=40)
     config.data.path, config.eval.path = data["preference"], data["preference_eval"]
     config.data.global_batch_size = 16
+    config.dpo.reference = "precomputed"  # the base's log-probs, cached as a full run's would be
     config.eval.at_start = True
     result = loop.train(config)
     start = result.initial_eval_metrics  # the adapted policy starts at its reference: no margin

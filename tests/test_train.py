@@ -226,6 +226,13 @@ def test_a_batch_that_does_not_split_over_the_mesh_names_the_key(tmp_path, small
         run_config.validate(config, num_devices=8)
 
 
+def test_a_reference_pass_batch_that_does_not_split_over_the_mesh_names_the_key(tmp_path, small_data):
+    config = tiny_config("dpo", tmp_path, small_data)
+    config.dpo.reference_batch_size = 12  # the precomputed reference pass spreads its rows over 8 devices
+    with pytest.raises(run_config.ConfigError, match=r"dpo\.reference_batch_size: 12 must be divisible .* = 8"):
+        run_config.validate(config, num_devices=8)
+
+
 def test_the_sharded_step_equals_the_single_device_step(tmp_path, small_data):
     config = run_config.resolve_paths(tiny_config("rm", tmp_path, small_data))
     results = []

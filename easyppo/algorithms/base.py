@@ -53,6 +53,19 @@ def count_tokens(batch: Mapping[str, jax.Array]) -> jax.Array:
     return sum(jnp.sum(mask, dtype=jnp.float32) for mask in masks)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    """How a LoRA model is exported: ``lora`` is its ``model.lora.export`` ('merged', 'peft' or
+    'both'); ``base_model`` the base's source, recorded in a peft adapter."""
+
+    lora: str = "merged"
+    base_model: str = ""
+
+    @classmethod
+    def of(cls, model_cfg: ml_collections.ConfigDict) -> ExportSettings:
+        return cls(lora=model_cfg.lora.export, base_model=model_cfg.init_from)
+
+
 @dataclasses.dataclass
 class GradientTrainer:
     """A trainer for algorithms that minimise ``loss_fn`` over one model's parameters.
@@ -80,7 +93,7 @@ class GradientTrainer:
     # LoRA (``model_config.lora``): the frozen base the trained ``params`` are merged with in every
     # forward pass (``easyppo.models.lora``); None trains the whole model.
     base_params: PyTree = None
-    exports: ExportSettings = dataclasses.field(default_factory=lambda: ExportSettings())
+    exports: ExportSettings = ExportSettings()  # how a LoRA model is exported
 
     def __post_init__(self):
         params_shardings = jax.tree.map(lambda x: x.sharding, self.initial_params)
@@ -168,19 +181,6 @@ class GradientTrainer:
             pad_token_id=self.pad_token_id,
             settings=self.exports,
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportSettings:
-    """How a LoRA model is exported: ``lora`` is its ``model.lora.export`` ('merged', 'peft' or
-    'both'); ``base_model`` the base's source, recorded in a peft adapter."""
-
-    lora: str = "merged"
-    base_model: str = ""
-
-    @classmethod
-    def of(cls, model_cfg: ml_collections.ConfigDict) -> ExportSettings:
-        return cls(lora=model_cfg.lora.export, base_model=model_cfg.init_from)
 
 
 def export_model(

@@ -174,6 +174,12 @@ def _check_run(config, algorithm: Algorithm, options, *, num_devices: int, proce
     eval_batch = config.eval.batch_size or batch
     if eval_batch % batch_ways or eval_batch % process_count:
         raise ConfigError("eval.batch_size", f"{eval_batch} must be divisible by mesh.data * mesh.fsdp = {batch_ways}")
+    reference_rows = getattr(options, "reference_batch_size", None)  # DPO's precomputed reference pass
+    if reference_rows and (reference_rows % batch_ways or reference_rows % process_count):
+        raise ConfigError(
+            f"{config.algorithm}.reference_batch_size",
+            f"{reference_rows} must be divisible by mesh.data * mesh.fsdp = {batch_ways}",
+        )
     if config.train.num_steps < 0:
         raise ConfigError("train.num_steps", f"must be >= 0, got {config.train.num_steps}")
     if not config.train.num_steps and not config.data.num_epochs:

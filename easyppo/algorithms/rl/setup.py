@@ -139,8 +139,9 @@ def load_models(
     """The models the options call for, and no others (module doc).
 
     ``resuming``: the policy and critic weights will come from the checkpoint, so only their shapes
-    are built; the frozen reference and reward model are always read, except with ``abstract``
-    (planning), where no model reads any weights.
+    are built (a LoRA model's frozen base is still read); the frozen reference and reward model are
+    always read, except with ``abstract`` (planning), where no model reads any weights. A LoRA
+    policy's reference is its base: no second model is loaded.
     """
     section = config[name]
     rng = jax.random.key(config.seed)
