@@ -166,9 +166,9 @@ class Workload:
         }
 
 
-def measure(args: argparse.Namespace, out: pathlib.Path) -> list[dict[str, Any]]:
+def measure(args: argparse.Namespace, out: pathlib.Path, algorithms: Sequence[str] = ("dpo", "ppo")) -> list[dict]:
     rows = []
-    for algorithm in ("dpo", "ppo"):
+    for algorithm in algorithms:
         pair = [Workload(algorithm, rank, out, steps=1000) for rank in (0, args.rank)]
         for workload in pair:  # compile, and leave the first steps' warm-up behind
             for _ in range(2):
