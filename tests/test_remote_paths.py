@@ -167,3 +167,22 @@ def test_a_checkpoint_step_copied_between_disk_and_bucket_still_checks_as_intact
     assert step_digests.check(epath.Path(copied_down)) is None
     pathlib.Path(copied_down, "state", "array").write_bytes(b"\x02" * 63)  # truncated on the way
     assert "differs in size" in step_digests.check(epath.Path(copied_down))
+
+
+def test_a_lora_adapter_round_trips_through_a_bucket(bucket, tmp_path, monkeypatch):
+    import jax
+    import numpy as np
+
+    from easyppo.core import sharding
+    from easyppo.models import llama, lora
+    from easyppo.weights import peft_adapters
+
+    monkeypatch.setenv("EASYPPO_CACHE", str(tmp_path / "cache"))
+    config = llama.get_preset("tiny").replace(lora=lora.LoraConfig(rank=2, targets=("q_proj", "down_proj")))
+    params = llama.init_params(config, "reward", jax.random.key(0))
+    url = "gs://bucket/adapters/rm"
+    peft_adapters.save_adapter(url, config, params, "reward")
+    assert sorted(p.name for p in epath.Path(url).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    loaded = peft_adapters.load_adapter(url, config, "reward", mesh=mesh)
+    jax.tree.map(np.testing.assert_array_equal, loaded, lora.split(params)[0])  # adapters and the score head
