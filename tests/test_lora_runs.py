@@ -15,6 +15,7 @@ from helpers.runs import tiny_config
 from safetensors.numpy import load_file
 
 from easyppo.algorithms import base
+from easyppo.cli import convert as convert_cli
 from easyppo.core import sharding
 from easyppo.data import pipeline
 from easyppo.models import lora
@@ -137,6 +138,18 @@ def test_a_lora_run_exports_merged_weights_and_a_peft_adapter_and_converts_later
     later, own = weights(tmp_path / "later"), weights(root / "hf")
     for name in own:
         np.testing.assert_array_equal(later[name], own[name], err_msg=name)
+
+
+def test_convert_writes_any_step_of_a_lora_run_as_a_peft_adapter(sft_runs, tmp_path):
+    root = sft_runs["root"] / "straight"
+    assert convert_cli.main(["to-hf", str(root), str(tmp_path / "adapter"), "--peft"]) == 0
+    ours, run_own = (
+        load_file(str(d / peft_adapters.ADAPTER_WEIGHTS_FILE)) for d in (tmp_path / "adapter", root / "hf_adapter")
+    )
+    assert ours.keys() == run_own.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], run_own[name], err_msg=name)
+    assert convert_cli.main(["to-hf", str(sft_runs["root"] / "missing"), str(tmp_path / "x"), "--peft"]) == 2
 
 
 def test_a_lora_run_directory_starts_another_run_as_its_merged_model(sft_runs):

@@ -17,7 +17,7 @@ import ml_collections
 from easyppo.core import files
 from easyppo.core import sharding as sharding_lib
 from easyppo.run import distributed
-from easyppo.run.export_checkpoint import export_run_checkpoint
+from easyppo.run.export_checkpoint import export_run_adapter, export_run_checkpoint
 from easyppo.weights import hf_files, hub, run_directory
 from easyppo.weights.hf_mapping import CAUSAL_LM_ARCHITECTURE, DTYPES, KINDS, SCORE_ARCHITECTURE
 from easyppo.weights.model_checkpoint import convert_easyppo_to_hf, convert_hf_to_easyppo
@@ -76,6 +76,13 @@ def _is_run(path: str) -> bool:
 def _to_hf(args: argparse.Namespace, mesh) -> tuple[str, list[str], str | None]:
     """Writes the export; returns (kind, weight files, the model checkpoint ``--verify`` compares the
     export with, or None for a train run, whose export is compared with transformers alone)."""
+    if args.peft:
+        if not _is_run(args.checkpoint_dir):
+            raise ValueError(f"--peft: {args.checkpoint_dir} is not a train run (a LoRA run's adapter is exported)")
+        if args.verify:
+            raise ValueError("--peft: --verify compares whole models; check the adapter with peft itself")
+        kind, files = export_run_adapter(args.checkpoint_dir, args.out_dir, step=args.step, mesh=mesh)
+        return kind, files, None
     if _is_run(args.checkpoint_dir):
         # A run's export takes its pad id and tokenizer from the run itself.
         for flag in ("pad_token_id", "tokenizer_dir"):
@@ -143,6 +150,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="split the weights into files of at most this size (default 5GiB)",
     )
     to_hf.add_argument("--verify", action="store_true", help="afterwards, compare with transformers")
+    to_hf.add_argument(
+        "--peft", action="store_true", help="a LoRA run: write its adapter for peft (default: merged weights)"
+    )
     to_hf.add_argument(
         "--push_to_hub",
         metavar="ORG/NAME[@BRANCH]",
@@ -212,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.verify:
                     result = verify(args.out_dir, checkpoint_dir=reference, kind=kind, **verify_options)
                 architecture = CAUSAL_LM_ARCHITECTURE if kind == "causal_lm" else SCORE_ARCHITECTURE
+                architecture = "peft LoRA adapter" if args.peft else architecture
                 print(f"wrote {architecture} {destination}: {', '.join(weight_files)}")
                 if args.verify and _print_verify(result, args.tolerance):
                     return 1  # a failed check publishes nothing
