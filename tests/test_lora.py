@@ -144,8 +144,23 @@ def test_a_bad_lora_setting_is_refused_naming_its_key(key, value, message):
         loading.resolve_architecture(cfg)
 
 
-def test_frozen_models_never_carry_adapters():
+def test_an_adapter_to_continue_from_is_checked_before_any_weight_loads(tmp_path):
+    cfg = _model_cfg(rank=4, init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(OptionError, match=r"model.lora.init_from: no adapter_config.json \(not a peft adapter\)"):
+        loading.resolve_architecture(cfg)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    cfg.lora.init_from = str(tmp_path / "adapter")
+    with pytest.raises(OptionError, match=r"model.lora.init_from: .*adapter_config.json: r=8 does not match"):
+        loading.resolve_architecture(cfg)
+    with pytest.raises(OptionError, match=r"model.lora.init_from: is set, but model.lora.rank is 0"):
+        loading.resolve_architecture(_model_cfg(rank=0, init_from=str(tmp_path / "adapter")))
+
+
+def test_frozen_models_never_carry_adapters(tmp_path):
     assert loading.resolve_architecture(loading.frozen_config(_model_cfg(rank=8))).lora is None
+    continued = _model_cfg(rank=8, init_from=str(tmp_path / "adapter"))  # a policy continuing from an adapter
+    assert loading.resolve_architecture(loading.frozen_config(continued)).lora is None  # its reference: the base
 
 
 # ---------------------------------------------------------------------------------------- peft

@@ -24,8 +24,8 @@ import ml_collections
 from etils import epath
 from ml_collections import config_dict
 
-from easyppo.core import precision, sharding
-from easyppo.core.options import require
+from easyppo.core import paths, precision, sharding
+from easyppo.core.options import OptionError, require
 from easyppo.models import llama, lora, partitioning
 from easyppo.weights import hf_mapping, hub, huggingface, model_checkpoint, peft_adapters, run_directory
 
@@ -86,6 +86,7 @@ def lora_config(cfg: ml_collections.ConfigDict) -> lora.LoraConfig | None:
     """The adapters a ``model`` config asks for (None: rank 0), checked with errors naming the key."""
     section = cfg.get("lora")
     if section is None or not section.rank:
+        require(section is None or not section.init_from, "model.lora.init_from", "is set, but model.lora.rank is 0")
         return None
     require(section.rank > 0, "model.lora.rank", f"must be >= 0, got {section.rank}")
     require(section.alpha > 0, "model.lora.alpha", f"must be > 0, got {section.alpha}")
@@ -98,9 +99,21 @@ def lora_config(cfg: ml_collections.ConfigDict) -> lora.LoraConfig | None:
         "model.lora.targets",
         f"{section.targets!r} must name some of {', '.join(lora.PROJECTIONS)}",
     )
-    return lora.LoraConfig(
+    spec = lora.LoraConfig(
         rank=section.rank, alpha=float(section.alpha), dropout=float(section.dropout), targets=targets
     )
+    source = section.init_from
+    local = (
+        source
+        and not paths.is_remote(source)
+        and (epath.Path(paths.resolve(source)).exists() or not hub.is_hub_name(source))
+    )
+    if local:  # a URL or a hub name is checked when it is read
+        try:
+            peft_adapters.check_adapter_config(paths.resolve(source), spec)
+        except (OSError, ValueError) as e:
+            raise OptionError("model.lora.init_from", str(e).removeprefix(f"model.lora.init_from={source!r}: ")) from e
+    return spec
 
 
 # Overrides that change no parameter's shape, so they may also adjust a loaded model: Tulu 2 runs
@@ -118,8 +131,8 @@ def frozen_config(cfg: ml_collections.ConfigDict, init_from: str = "") -> ml_col
     if init_from:
         frozen.init_from = init_from
     frozen.remat = "none"
-    if "lora" in frozen:
-        frozen.lora.rank = 0  # a frozen model has nothing to adapt
+    if "lora" in frozen:  # a frozen model has nothing to adapt
+        frozen.lora.rank, frozen.lora.init_from = 0, ""
     return frozen
 
 

@@ -102,9 +102,17 @@ def save_adapter(directory: str, config: LlamaConfig, params: PyTree, kind: str,
     return [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
 
 
-def _check_config(found: dict[str, Any], config: LlamaConfig, where: str) -> None:
+def check_adapter_config(directory: str, spec: lora.LoraConfig) -> None:
+    """A local peft adapter directory holds an adapter ``spec`` describes (run validation calls this,
+    so a wrong ``model.lora.init_from`` fails before any weight loads); remote ones are checked on load."""
+    config_file = epath.Path(directory) / ADAPTER_CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"model.lora.init_from={directory!r}: no {ADAPTER_CONFIG_FILE} (not a peft adapter)")
+    _check_config(json.loads(config_file.read_text()), spec, str(config_file))
+
+
+def _check_config(found: dict[str, Any], spec: lora.LoraConfig, where: str) -> None:
     """The stored adapter must be the one ``model.lora`` describes: each mismatch names its field."""
-    spec = config.lora
     expected = {
         "peft_type": "LORA",
         "r": spec.rank,
@@ -147,10 +155,7 @@ def load_adapter(
     from safetensors import safe_open
 
     root = epath.Path(files.local_mirror(hub.local_source(directory, key="model.lora.init_from")))
-    config_file = root / ADAPTER_CONFIG_FILE
-    if not config_file.exists():
-        raise FileNotFoundError(f"model.lora.init_from={directory!r}: no {ADAPTER_CONFIG_FILE} (not a peft adapter)")
-    _check_config(json.loads(config_file.read_text()), config, str(config_file))
+    check_adapter_config(str(root), config.lora)
     weights = root / ADAPTER_WEIGHTS_FILE
     if not weights.exists():
         raise FileNotFoundError(f"model.lora.init_from={directory!r}: no {ADAPTER_WEIGHTS_FILE}")
