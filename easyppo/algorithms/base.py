@@ -26,7 +26,6 @@ from easyppo.algorithms.contract import MetricPairs, StepResult
 from easyppo.core import grad_accum, optim, sharding
 from easyppo.models import llama, lora, partitioning
 from easyppo.weights import huggingface, loading, peft_adapters
-from easyppo.weights.loading import load_model
 
 PyTree = Any
 # loss_fn(params, frozen, batch, rng) -> (loss_sum, {name: (sum, count)}); see easyppo.core.grad_accum.
@@ -236,7 +235,7 @@ def make_gradient_trainer(
     metric_finalizer: Callable[[dict[str, float]], dict[str, float]] | None = None,
     resuming: bool = False,
     abstract: bool = False,
-    loaded: tuple[llama.LlamaConfig, Any, PyTree] | None = None,
+    loaded: tuple[llama.LlamaConfig, Any, PyTree, PyTree] | None = None,
 ) -> GradientTrainer:
     """The usual recipe: load the model named by ``config.model``, build the optimizer, jit the step.
 
@@ -247,8 +246,8 @@ def make_gradient_trainer(
     ``abstract`` (planning): no weights at all. ``loaded``: the model, when the caller loaded it
     (``load_trained_model``).
     """
-    model_config, module, params, base_params = split_trained(
-        loaded or load_trained_model(config, kind, mesh, resuming=resuming, abstract=abstract)
+    model_config, module, params, base_params = loaded or load_trained_model(
+        config, kind, mesh, resuming=resuming, abstract=abstract
     )
     return GradientTrainer(
         kind=kind,
@@ -270,21 +269,11 @@ def make_gradient_trainer(
 
 def load_trained_model(
     config: ml_collections.ConfigDict, kind: str, mesh: jax.sharding.Mesh, *, resuming: bool, abstract: bool = False
-) -> tuple[llama.LlamaConfig, Any, PyTree]:
-    """``config.model`` loaded for training: abstract when planning, or when resuming a run that
-    trains every weight (the checkpoint supplies them); a LoRA run's frozen base is always read."""
-    lazy = abstract or (resuming and not loading.lora_config(config.model))
-    return load_model(config.model, kind, mesh=mesh, rng=jax.random.key(config.seed), abstract=lazy)
-
-
-def split_trained(loaded: tuple[llama.LlamaConfig, Any, PyTree]) -> tuple[llama.LlamaConfig, Any, PyTree, PyTree]:
-    """``(config, module, trained params, frozen base)``: with LoRA the adapters (and a scalar head)
-    and the rest (``lora.split``); without, every parameter and None."""
-    model_config, module, params = loaded
-    if model_config.lora is None:
-        return model_config, module, params, None
-    trained, base_params = lora.split(params)
-    return model_config, module, trained, base_params
+) -> tuple[llama.LlamaConfig, Any, PyTree, PyTree]:
+    """The run's ``config.model`` as ``(config, module, trained params, frozen base)``, at the run's seed
+    (``loading.load_trained``)."""
+    rng = jax.random.key(config.seed)
+    return loading.load_trained(config.model, kind, mesh=mesh, rng=rng, resuming=resuming, abstract=abstract)
 
 
 def std_from_moments(means: dict[str, float], name: str) -> float:

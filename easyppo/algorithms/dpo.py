@@ -173,7 +173,7 @@ def make_trainer(
     frozen = eval_frozen = None
     reference_model = None
     loaded = base.load_trained_model(config, "causal_lm", mesh, resuming=resuming, abstract=inputs.abstract)
-    policy_config, policy_module, _, base_params = base.split_trained(loaded)
+    policy_config, policy_module, _, base_params = loaded
     on_the_fly = options.uses_reference and options.reference == "on_the_fly"
     if on_the_fly and base_params is not None and not options.reference_init_from:
         frozen, reference_model = {"reference_params": base_params}, (policy_module, policy_config)

@@ -102,11 +102,6 @@ def adapters(params: PyTree) -> dict:
     return traverse_util.unflatten_dict({path: leaf for path, leaf in _flat(params).items() if is_adapter(path)})
 
 
-def without_adapters(params: PyTree) -> dict:
-    """``params`` with every adapter removed: the model with its adapters switched off."""
-    return traverse_util.unflatten_dict({path: leaf for path, leaf in _flat(params).items() if not is_adapter(path)})
-
-
 def merged_weights(params: PyTree, lora: LoraConfig) -> dict:
     """A plain tree (no adapters) computing what the adapted ``params`` compute: each adapted
     ``kernel`` becomes ``kernel + scale * lora_a @ lora_b`` (in float32, cast back to its dtype).

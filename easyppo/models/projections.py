@@ -40,7 +40,8 @@ class Kernel(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         cfg = self.config
-        # The kernel first: its init key is then the same with and without adapters.
+        # The kernel first: in an unrolled stack its init key is then the same with and without
+        # adapters (a scanned one differs, which is why weights/loading.py builds bases without them).
         kernel = self.param("kernel", nn.initializers.normal(cfg.initializer_range), self.shape, cfg.weight_dtype)
         lora = cfg.lora
         if lora is None or self.name not in lora.targets:

@@ -16,7 +16,7 @@ from easyppo.core import paths
 from easyppo.core import sharding as sharding_lib
 from easyppo.data import pipeline
 from easyppo.data.export import save_tokenizer_files
-from easyppo.models import llama, lora
+from easyppo.models import llama
 from easyppo.weights import hf_files, huggingface, loading, peft_adapters, run_directory
 
 
@@ -56,8 +56,7 @@ def export_run_adapter(
     run_dir, run, kind, architecture, mesh = _open_run(run_dir, step, mesh)
     if architecture.lora is None:
         raise ValueError(f"{run_dir} trained the whole model (model.lora.rank is 0): it has no adapter to export")
-    target = lora.split(loading.abstract_params(architecture, kind, mesh))[0]
-    trained = run_directory.restore_subtree(run_dir, {"params": target}, step=step)["params"]
+    trained = loading.run_trained_params(run_dir, architecture, kind, mesh=mesh, step=step)
     files = peft_adapters.save_adapter(out_dir, architecture, trained, kind, base_model=run.model.init_from)
     return kind, files
 

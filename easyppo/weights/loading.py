@@ -256,6 +256,30 @@ def _load_base(cfg, config: llama.LlamaConfig, kind: str, *, mesh, rng, rules) -
     )
 
 
+def load_trained(
+    cfg: ml_collections.ConfigDict,
+    kind: str,
+    *,
+    mesh: jax.sharding.Mesh,
+    rng: jax.Array,
+    resuming: bool,
+    abstract: bool = False,
+) -> tuple[llama.LlamaConfig, Any, dict, dict | None]:
+    """A model a run trains: ``(config, module, trained params, frozen base)``.
+
+    Without LoRA every parameter is trained and the base is None; with it, the adapters (and a
+    scalar head) and the rest (``lora.split``). Nothing is read when planning (``abstract``) or
+    when resuming a run that trains every weight (the checkpoint supplies them); a LoRA model's
+    frozen base is always read.
+    """
+    lazy = abstract or (resuming and lora_config(cfg) is None)
+    config, module, params = load_model(cfg, kind, mesh=mesh, rng=rng, abstract=lazy)
+    if config.lora is None:
+        return config, module, params, None
+    trained, base = lora.split(params)
+    return config, module, trained, base
+
+
 @functools.cache
 def _adapter_initializer(config: llama.LlamaConfig, kind: str):
     """``key -> adapters`` of ``config``'s LoRA (the base's initialisation is traced, and discarded)."""
@@ -338,13 +362,29 @@ def run_model_params(
     """
     run = ml_collections.ConfigDict(run_directory.read_run_config(path, step))
     architecture = resolve_architecture(run.model)
-    target = abstract_params(architecture, kind, mesh, rules)
+    trained = run_trained_params(path, architecture, kind, mesh=mesh, rules=rules, step=step)
     if architecture.lora is None:
-        return run_directory.restore_subtree(path, {"params": target}, step=step)["params"]
-    trained = run_directory.restore_subtree(path, {"params": lora.split(target)[0]}, step=step)["params"]
+        return trained
     rng = jax.random.key(run.seed)
     base = _load_base(run.model, architecture.replace(lora=None), kind, mesh=mesh, rng=rng, rules=rules)
     return lora.merged_weights(lora.merge(trained, base), architecture.lora)
+
+
+def run_trained_params(
+    path: str,
+    architecture: llama.LlamaConfig,
+    kind: str,
+    *,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.PartitionRules = partitioning.LLAMA_RULES,
+    step: int | None = None,
+) -> dict:
+    """What a run with this ``architecture`` checkpointed as its ``params``: the whole model, or a
+    LoRA run's adapters (and scalar head)."""
+    target = abstract_params(architecture, kind, mesh, rules)
+    if architecture.lora is not None:
+        target = lora.split(target)[0]
+    return run_directory.restore_subtree(path, {"params": target}, step=step)["params"]
 
 
 def _relayout(params: dict, config: llama.LlamaConfig) -> dict:

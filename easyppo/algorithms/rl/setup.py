@@ -145,8 +145,8 @@ def load_models(
     """
     section = config[name]
     rng = jax.random.key(config.seed)
-    policy_config, _, params, policy_base = base.split_trained(
-        base.load_trained_model(config, "causal_lm", mesh, resuming=resuming, abstract=abstract)
+    policy_config, _, params, policy_base = base.load_trained_model(
+        config, "causal_lm", mesh, resuming=resuming, abstract=abstract
     )
     resuming = resuming or abstract
     frozen, described = {"reference": None, "reward": None}, []
@@ -170,9 +170,8 @@ def load_models(
         described.append(f"reward model {section.reward_model.init_from or 'random ' + section.reward_model.preset}")
     if options.uses_critic:
         value_cfg = value_model_config(section)
-        lazy = resuming and not loading.lora_config(value_cfg)  # a LoRA critic's base is always read
-        value_config, _, value, value_base = base.split_trained(
-            loading.load_model(value_cfg, "value", mesh=mesh, rng=reward_rng, abstract=lazy or abstract)
+        value_config, _, value, value_base = loading.load_trained(
+            value_cfg, "value", mesh=mesh, rng=reward_rng, resuming=resuming, abstract=abstract
         )
         described.append(f"critic {value_cfg.init_from or 'the reward model random init'}")
     logger.info(
